@@ -1,0 +1,138 @@
+"""Reference attention over the paged KV cache: gather each sequence's blocks, then SDPA.
+
+Runs on any device and is the oracle for fast backends. Decode rows (one new token) are
+batched into a single SDPA call over a padded gather; rows with several new tokens (prefill
+chunks) go one sequence at a time with an explicit causal / sliding-window mask.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from mistralpy.attention.backend import AttentionSpec
+from mistralpy.worker.forward_batch import ForwardBatch
+
+
+@dataclass(slots=True)
+class _PrefillSeq:
+    q_start: int
+    q_end: int
+    seq_len: int
+    blocks: torch.Tensor  # block ids covering seq_len
+
+
+@dataclass(slots=True)
+class TorchRefMetadata:
+    slot_mapping: torch.Tensor
+    block_size: int
+    # batched decode rows
+    decode_rows: torch.Tensor | None = None       # [Bd] token row of each decode sequence
+    decode_blocks: torch.Tensor | None = None     # [Bd, nb] block tables
+    decode_lens: torch.Tensor | None = None       # [Bd]
+    decode_max_len: int = 0
+    all_decode: bool = False
+    prefill: list[_PrefillSeq] = field(default_factory=list)
+    _masks: dict = field(default_factory=dict)    # cached per (kind, window) masks
+
+
+class TorchRefBackend:
+    name = "torch_ref"
+
+    def build_metadata(self, batch: ForwardBatch) -> TorchRefMetadata:
+        md = TorchRefMetadata(slot_mapping=batch.slot_mapping, block_size=batch.block_size)
+        bs = batch.block_size
+        dev = batch.block_tables.device
+        decode_idx = [i for i, q in enumerate(batch.query_lens) if q == 1]
+        if decode_idx:
+            max_len = max(batch.seq_lens[i] for i in decode_idx)
+            nb = -(-max_len // bs)
+            idx = torch.tensor(decode_idx, device=dev)
+            md.decode_rows = torch.tensor([batch.query_start_loc[i] for i in decode_idx], device=dev)
+            md.decode_blocks = batch.block_tables.index_select(0, idx)[:, :nb].long()
+            md.decode_lens = torch.tensor([batch.seq_lens[i] for i in decode_idx], device=dev)
+            md.decode_max_len = max_len
+            md.all_decode = len(decode_idx) == batch.num_seqs
+        for i, q in enumerate(batch.query_lens):
+            if q == 1:
+                continue
+            seq_len = batch.seq_lens[i]
+            nb = -(-seq_len // bs)
+            md.prefill.append(_PrefillSeq(batch.query_start_loc[i], batch.query_start_loc[i + 1], seq_len,
+                                          batch.block_tables[i, :nb].long()))
+        return md
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, md: TorchRefMetadata, spec: AttentionSpec) -> torch.Tensor:
+        num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+        flat_k = k_cache.view(-1, num_kv_heads, head_dim)
+        flat_v = v_cache.view(-1, num_kv_heads, head_dim)
+        flat_k.index_copy_(0, md.slot_mapping, k.to(k_cache.dtype))
+        flat_v.index_copy_(0, md.slot_mapping, v.to(v_cache.dtype))
+
+        if md.all_decode:
+            return self._decode(q, k_cache, v_cache, md, spec)
+        out = torch.empty_like(q)
+        if md.decode_rows is not None:
+            out.index_copy_(0, md.decode_rows, self._decode(q.index_select(0, md.decode_rows), k_cache,
+                                                            v_cache, md, spec))
+        for seq in md.prefill:
+            keys = k_cache.index_select(0, seq.blocks).view(-1, num_kv_heads, head_dim)[: seq.seq_len]
+            vals = v_cache.index_select(0, seq.blocks).view(-1, num_kv_heads, head_dim)[: seq.seq_len]
+            q_len = seq.q_end - seq.q_start
+            mask = None
+            if q_len != seq.seq_len or spec.sliding_window is not None or spec.logit_softcap is not None:
+                mask = _prefill_mask(q_len, seq.seq_len, spec.sliding_window, q.device)
+            out[seq.q_start:seq.q_end] = _sdpa(q[seq.q_start:seq.q_end].transpose(0, 1).unsqueeze(0),
+                                               keys.transpose(0, 1).unsqueeze(0),
+                                               vals.transpose(0, 1).unsqueeze(0),
+                                               mask, spec)[0].transpose(0, 1)
+        return out
+
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, md: TorchRefMetadata,
+                spec: AttentionSpec) -> torch.Tensor:
+        bd, nb = md.decode_blocks.shape
+        num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+        keys = k_cache[md.decode_blocks].view(bd, nb * md.block_size, num_kv_heads, head_dim)
+        vals = v_cache[md.decode_blocks].view(bd, nb * md.block_size, num_kv_heads, head_dim)
+        key = ("decode", spec.sliding_window)
+        mask = md._masks.get(key)
+        if mask is None:
+            pos = torch.arange(nb * md.block_size, device=q.device)
+            lens = md.decode_lens.unsqueeze(1)
+            mask = pos.unsqueeze(0) < lens
+            if spec.sliding_window is not None:
+                mask &= pos.unsqueeze(0) > (lens - 1 - spec.sliding_window)
+            mask = mask[:, None, None, :]
+            md._masks[key] = mask
+        out = _sdpa(q.unsqueeze(2), keys.transpose(1, 2), vals.transpose(1, 2), mask, spec)
+        return out.squeeze(2)
+
+
+def _prefill_mask(q_len: int, seq_len: int, window: int | None, device: torch.device) -> torch.Tensor:
+    q_pos = torch.arange(seq_len - q_len, seq_len, device=device).unsqueeze(1)
+    k_pos = torch.arange(seq_len, device=device).unsqueeze(0)
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+          spec: AttentionSpec) -> torch.Tensor:
+    """q [B, Hq, Lq, D], k/v [B, Hk, Lk, D]; mask bool broadcastable to [B, Hq, Lq, Lk] or None (causal)."""
+    if k.shape[1] != q.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    if spec.logit_softcap is not None:
+        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * spec.scale
+        scores = torch.tanh(scores / spec.logit_softcap) * spec.logit_softcap
+        if mask is not None:
+            scores = scores.masked_fill(~mask, -math.inf)
+        return torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=spec.scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=spec.scale)

@@ -1,0 +1,86 @@
+"""Resolve a model (hub id or folder), read its configs and build the EngineCore."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mistralpy.config import (CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, derive_max_model_len,
+                              read_json, resolve_device, resolve_dtype)
+from mistralpy.engine.core import EngineCore
+from mistralpy.errors import InvalidRequestError, ModelLoadError
+from mistralpy.loading.hub import resolve_model_dir
+from mistralpy.loading.safetensors_reader import checkpoint_dtype
+from mistralpy.models.registry import resolve_architecture
+from mistralpy.tokenizer.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+SAMPLING_DEFAULT_KEYS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+
+
+@dataclass(slots=True)
+class EngineOptions:
+    """Every Engine(...) keyword. Defaults suit a laptop/server CPU or a single GPU."""
+
+    dtype: str | torch.dtype = "auto"
+    device: str | torch.device = "auto"
+    max_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory_gb: float | None = None
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    revision: str | None = None
+    token_source: str = "cache"
+    tokenizer: str | None = None
+    chat_template: str | None = None
+    arch: str | None = None
+    seed: int | None = None
+
+    def validate(self) -> None:
+        for name in ("max_seqs", "max_num_batched_tokens", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise InvalidRequestError(f"{name} must be a positive integer, got {value!r}", name)
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise InvalidRequestError("num_kv_blocks must be >= 1", "num_kv_blocks")
+
+
+def generation_defaults(gen_cfg: dict[str, Any]) -> dict[str, Any]:
+    """The sampling fields of generation_config.json that apply when a request leaves them unset."""
+    return {k: gen_cfg[k] for k in SAMPLING_DEFAULT_KEYS if gen_cfg.get(k) is not None}
+
+
+def build_core(model: str, opts: EngineOptions) -> tuple[EngineCore, Tokenizer, ModelConfig]:
+    opts.validate()
+    model_dir = resolve_model_dir(model, revision=opts.revision, token_source=opts.token_source)
+    hf_config = read_json(Path(model_dir) / "config.json")
+    if not hf_config:
+        raise ModelLoadError(f"{model_dir} has no config.json")
+    gen_cfg = read_json(Path(model_dir) / "generation_config.json")
+    arch = resolve_architecture(hf_config, opts.arch)
+    device = resolve_device(opts.device)
+    dtype = resolve_dtype(opts.dtype, device, checkpoint_dtype(Path(model_dir), hf_config))
+    text_cfg = hf_config.get("text_config") or hf_config
+    model_config = ModelConfig(path=Path(model_dir), hf_config=hf_config, architecture=arch, dtype=dtype,
+                               max_model_len=derive_max_model_len(text_cfg, opts.max_model_len),
+                               generation_config=gen_cfg)
+    tok_dir = opts.tokenizer or str(model_dir)
+    if opts.tokenizer and not Path(opts.tokenizer).exists():
+        tok_dir = str(resolve_model_dir(opts.tokenizer, revision=opts.revision, token_source=opts.token_source))
+    tokenizer = Tokenizer.from_dir(tok_dir, chat_template_override=opts.chat_template)
+    config = EngineConfig(
+        model=model_config,
+        cache=CacheConfig(block_size=opts.block_size, num_blocks=opts.num_kv_blocks,
+                          kv_cache_memory_gb=opts.kv_cache_memory_gb,
+                          enable_prefix_caching=opts.enable_prefix_caching),
+        scheduler=SchedulerConfig(max_seqs=opts.max_seqs, max_num_batched_tokens=opts.max_num_batched_tokens,
+                                  enable_chunked_prefill=opts.enable_chunked_prefill),
+        device=device, seed=opts.seed)
+    return EngineCore(config, tokenizer), tokenizer, model_config

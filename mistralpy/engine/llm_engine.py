@@ -1,0 +1,221 @@
+"""Engine: the synchronous Python API. Thread-safe: many threads may call one Engine at once.
+
+Every call submits requests to the shared EngineLoop thread, so concurrent callers are batched
+together by the scheduler (continuous batching).
+"""
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from mistralpy.engine import openai_format as oai
+from mistralpy.engine.builder import EngineOptions, build_core, generation_defaults
+from mistralpy.engine.core import SeqUpdate
+from mistralpy.engine.input_processor import InputProcessor, Prompt, is_token_ids, new_request_id
+from mistralpy.engine.loop import EngineLoop
+from mistralpy.engine.output_tracker import RequestTracker
+from mistralpy.engine.outputs import OpenAIObject, RequestOutput
+from mistralpy.errors import EngineDeadError, InvalidRequestError
+from mistralpy.sampling_params import SamplingParams
+
+_SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
+_ALIASES = {"max_completion_tokens": "max_tokens"}
+
+
+def sampling_from_kwargs(kwargs: dict[str, Any], base: SamplingParams | None = None) -> SamplingParams:
+    """SamplingParams from keyword arguments (OpenAI spellings accepted); unknown keys are an error."""
+    values = dataclasses.asdict(base) if base is not None else {}
+    for key, value in kwargs.items():
+        key = _ALIASES.get(key, key)
+        if key not in _SAMPLING_FIELDS:
+            raise InvalidRequestError(f"unknown sampling option {key!r}", key)
+        if value is not None:
+            values[key] = value
+    try:
+        return SamplingParams(**values)
+    except TypeError as exc:
+        raise InvalidRequestError(str(exc)) from exc
+
+
+def normalize_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Validate chat messages; text-part lists become plain strings (joined by newlines)."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise InvalidRequestError("messages must be a non-empty list", "messages")
+    out = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
+            raise InvalidRequestError(f"messages[{i}] must be an object with a string 'role'", "messages")
+        msg = dict(msg)
+        content = msg.get("content")
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text":
+                    raise InvalidRequestError(f"messages[{i}]: only text content parts are supported", "messages")
+                texts.append(str(part.get("text", "")))
+            msg["content"] = "\n".join(texts)
+        elif content is not None and not isinstance(content, str):
+            raise InvalidRequestError(f"messages[{i}].content must be a string or a list of parts", "messages")
+        out.append(msg)
+    return out
+
+
+class _Collector:
+    """Sink that gathers one request's updates until all its choices finish."""
+
+    def __init__(self, tracker: RequestTracker) -> None:
+        self.tracker = tracker
+        self.done = threading.Event()
+
+    def __call__(self, update: SeqUpdate) -> None:
+        self.tracker.apply(update)
+        if self.tracker.finished:
+            self.done.set()
+
+
+class Engine:
+    """Load a model and generate. ``model`` is a hub id or a local folder."""
+
+    def __init__(self, model: str, **options: Any) -> None:
+        try:
+            self.options = EngineOptions(**options)
+        except TypeError as exc:
+            raise InvalidRequestError(f"Engine: {exc}") from exc
+        self.model_name = model
+        self.core, self.tokenizer, self.model_config = build_core(model, self.options)
+        self.generation_defaults = generation_defaults(self.model_config.generation_config)
+        self.inputs = InputProcessor(self.tokenizer, self.model_config.vocab_size, self.generation_defaults,
+                                     self.core.max_total_tokens, self.core.config.device)
+        self.loop = EngineLoop(self.core)
+
+    # ---- text in, text out -------------------------------------------------------------------
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def detokenize(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def _prepare(self, prompt: Prompt, params: SamplingParams | None,
+                 add_special_tokens: bool = True) -> tuple[RequestTracker, list]:
+        text, ids = self.inputs.encode(prompt, add_special_tokens)
+        params = self.inputs.resolve_params(params)
+        rid = new_request_id()
+        reqs = self.inputs.make_requests(rid, ids, params)
+        return RequestTracker(rid, text, ids, params.n, params.logprobs), reqs
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+        """One RequestOutput per prompt (a string or a list of token ids), in order."""
+        if isinstance(prompts, str) or is_token_ids(prompts):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != len(prompts):
+                raise InvalidRequestError("need one SamplingParams per prompt", "sampling_params")
+            params_list = list(sampling_params)
+        else:
+            params_list = [sampling_params] * len(prompts)
+        prepared = [self._prepare(p, sp) for p, sp in zip(prompts, params_list)]  # validate all first
+        collectors = []
+        for tracker, reqs in prepared:
+            collector = _Collector(tracker)
+            self.loop.submit(reqs, collector)
+            collectors.append(collector)
+        try:
+            for c in collectors:
+                while not c.done.wait(0.5):
+                    self._check_alive()
+        except BaseException:
+            self.loop.abort([r.request_id for _, reqs in prepared for r in reqs])
+            raise
+        return [c.tracker.snapshot() for c in collectors]
+
+    def generate_stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+                        add_special_tokens: bool = True) -> Iterator[RequestOutput]:
+        """Yield a RequestOutput per new token holding only that choice's delta. Closing the
+        iterator early aborts the request and frees its KV blocks."""
+        tracker, reqs = self._prepare(prompt, sampling_params, add_special_tokens)
+        return self._stream(tracker, reqs)
+
+    def _stream(self, tracker: RequestTracker, reqs: list) -> Iterator[RequestOutput]:
+        q: queue.Queue[SeqUpdate] = queue.Queue()
+        self.loop.submit(reqs, q.put)
+        try:
+            while not tracker.finished:
+                try:
+                    update = q.get(timeout=0.5)
+                except queue.Empty:
+                    self._check_alive()
+                    continue
+                yield tracker.delta_output(tracker.apply(update))
+        finally:
+            if not tracker.finished:
+                self.loop.abort([r.request_id for r in reqs])
+
+    # ---- chat ----------------------------------------------------------------------------------
+    def render_chat(self, messages: Sequence[dict[str, Any]], *, tools: list[dict] | None = None,
+                    add_generation_prompt: bool = True, chat_template_kwargs: dict[str, Any] | None = None,
+                    enable_thinking: bool | None = None) -> str:
+        kwargs = dict(chat_template_kwargs or {})
+        if enable_thinking is not None:
+            kwargs["enable_thinking"] = enable_thinking
+        return self.tokenizer.apply_chat_template(normalize_messages(messages), tools=tools,
+                                                  add_generation_prompt=add_generation_prompt, **kwargs)
+
+    def chat(self, messages: Sequence[dict[str, Any]], *, stream: bool = False, tools: list[dict] | None = None,
+             add_generation_prompt: bool = True, chat_template_kwargs: dict[str, Any] | None = None,
+             enable_thinking: bool | None = None, sampling_params: SamplingParams | None = None,
+             stream_options: dict[str, Any] | None = None, **sampling: Any) -> OpenAIObject | Iterator[OpenAIObject]:
+        """OpenAI-shaped chat completion; with stream=True an iterator of chat.completion.chunk objects."""
+        params = sampling_from_kwargs(sampling, sampling_params)
+        text = self.render_chat(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                chat_template_kwargs=chat_template_kwargs, enable_thinking=enable_thinking)
+        chat_id, created = oai.new_chat_id(), oai.now()
+        tracker, reqs = self._prepare(text, params, add_special_tokens=False)
+        if stream:
+            include_usage = bool((stream_options or {}).get("include_usage"))
+            return self._chat_chunks(tracker, self._stream(tracker, reqs), chat_id, created, include_usage)
+        start = time.perf_counter()
+        collector = _Collector(tracker)
+        self.loop.submit(reqs, collector)
+        try:
+            while not collector.done.wait(0.5):
+                self._check_alive()
+        except BaseException:
+            self.loop.abort([r.request_id for r in reqs])
+            raise
+        return oai.chat_completion(tracker.snapshot(), model=self.model_name, chat_id=chat_id, created=created,
+                                   elapsed_s=time.perf_counter() - start)
+
+    def _chat_chunks(self, tracker: RequestTracker, deltas: Iterator[RequestOutput], chat_id: str, created: int,
+                     include_usage: bool) -> Iterator[OpenAIObject]:
+        seen: set[int] = set()
+        for out in deltas:
+            delta = out.outputs[0]
+            first = delta.index not in seen
+            seen.add(delta.index)
+            yield oai.chat_chunk(delta, model=self.model_name, chat_id=chat_id, created=created, first=first)
+        if include_usage:
+            yield oai.usage_chunk(tracker.snapshot(), model=self.model_name, chat_id=chat_id, created=created)
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def abort(self, request_id: str) -> None:
+        """Abort every choice of a request id returned in a RequestOutput."""
+        self.loop.abort([request_id])
+
+    def _check_alive(self) -> None:
+        if self.loop.dead_error is not None:
+            raise EngineDeadError(self.loop.dead_error)
+
+    def shutdown(self) -> None:
+        self.loop.shutdown()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

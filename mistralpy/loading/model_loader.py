@@ -1,0 +1,39 @@
+"""Build a model on its device in its final dtype and stream the checkpoint into it."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from mistralpy.attention.backend import AttentionBackend
+from mistralpy.config import ModelConfig
+from mistralpy.loading.safetensors_reader import iter_safetensors, safetensors_files
+from mistralpy.models.base import CausalLM
+from mistralpy.models.registry import get_model_class
+
+log = logging.getLogger(__name__)
+
+
+def load_model(model_config: ModelConfig, device: torch.device, backend: AttentionBackend) -> CausalLM:
+    """Allocate parameters uninitialised (torch.empty), then copy tensors in one by one.
+
+    Peak memory stays near the model size: no float32 staging copy, no second model.
+    """
+    start = time.perf_counter()
+    cls = get_model_class(model_config.architecture)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(model_config.dtype)
+    try:
+        with torch.device(device):
+            model: CausalLM = cls(model_config.text_config, backend)
+    finally:
+        torch.set_default_dtype(previous)
+    files = safetensors_files(Path(model_config.path))
+    model.load_weights(iter_safetensors(files))
+    model.eval()
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("loaded %s (%.1fM params, %s) on %s in %.1fs", model_config.architecture, n_params / 1e6,
+             model_config.dtype, device, time.perf_counter() - start)
+    return model

@@ -1,0 +1,127 @@
+"""Model runner: owns the model, the paged KV cache and the sampler; runs one scheduled step."""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from mistralpy.attention.backend import get_backend
+from mistralpy.config import CacheConfig, EngineConfig
+from mistralpy.core.scheduler import SchedulerOutput
+from mistralpy.loading.model_loader import load_model
+from mistralpy.sample.sampler import Sampler, SamplerOutput, SamplingRow
+from mistralpy.worker.forward_batch import ForwardBatch
+
+log = logging.getLogger(__name__)
+
+_CPU_DEFAULT_KV_GB = 2.0
+
+
+def _available_memory_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def kv_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                       dtype: torch.dtype) -> int:
+    return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def decide_num_blocks(cache: CacheConfig, per_block: int, device: torch.device, max_model_len: int,
+                      max_seqs: int) -> int:
+    """Explicit num_blocks > kv_cache_memory_gb > a default that fits max_seqs full contexts within limits."""
+    if cache.num_blocks is not None:
+        return cache.num_blocks
+    if cache.kv_cache_memory_gb is not None:
+        budget = int(cache.kv_cache_memory_gb * (1 << 30))
+    elif device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = int(free * 0.85)
+    else:
+        budget = min(int(_CPU_DEFAULT_KV_GB * (1 << 30)), _available_memory_bytes() // 4)
+    want = -(-max_model_len // cache.block_size) * max_seqs
+    return max(1, min(want, budget // per_block))
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = config.device
+        self.block_size = config.cache.block_size
+        if self.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, os.cpu_count() or 1))
+        self.backend = get_backend(self.device)
+        self.model = load_model(config.model, self.device, self.backend)
+        per_block = kv_bytes_per_block(self.model.num_layers, self.block_size, self.model.num_kv_heads,
+                                       self.model.head_dim, config.model.dtype)
+        self.num_blocks = decide_num_blocks(config.cache, per_block, self.device, config.model.max_model_len,
+                                            config.scheduler.max_seqs)
+        shape = (self.num_blocks, self.block_size, self.model.num_kv_heads, self.model.head_dim)
+        self.kv_caches = [(torch.zeros(shape, dtype=config.model.dtype, device=self.device),
+                           torch.zeros(shape, dtype=config.model.dtype, device=self.device))
+                          for _ in range(self.model.num_layers)]
+        log.info("KV cache: %d blocks x %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
+                 self.num_blocks * per_block / 2**20)
+        self.sampler = Sampler(config.model.vocab_size, seed=config.seed)
+
+    def build_batch(self, sched: SchedulerOutput) -> ForwardBatch:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        seq_lens, query_lens, starts, logits_rows = [], [], [0], []
+        bs = self.block_size
+        for s in sched.seqs:
+            req, start = s.req, s.req.num_computed_tokens
+            end = start + s.num_new_tokens
+            prompt_len = len(req.prompt_token_ids)
+            if start >= prompt_len:
+                input_ids.extend(req.output_token_ids[start - prompt_len:end - prompt_len])
+            else:
+                input_ids.extend(req.all_token_ids[start:end])
+            positions.extend(range(start, end))
+            blocks = req.block_ids
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            seq_lens.append(end)
+            query_lens.append(s.num_new_tokens)
+            starts.append(starts[-1] + s.num_new_tokens)
+            if s.samples:
+                logits_rows.append(starts[-1] - 1)
+        max_blocks = max(len(s.req.block_ids) for s in sched.seqs)
+        table = [s.req.block_ids + [0] * (max_blocks - len(s.req.block_ids)) for s in sched.seqs]
+        dev = self.device
+        return ForwardBatch(
+            input_ids=torch.tensor(input_ids, dtype=torch.long, device=dev),
+            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            block_tables=torch.tensor(table, dtype=torch.int32, device=dev),
+            seq_lens=seq_lens, query_lens=query_lens, query_start_loc=starts,
+            logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=dev),
+            block_size=bs,
+        )
+
+    @torch.inference_mode()
+    def compute_logits(self, sched: SchedulerOutput) -> torch.Tensor:
+        """Run the model on the step's flat batch; logits [N, V] for the sampling rows only."""
+        batch = self.build_batch(sched)
+        metadata = self.backend.build_metadata(batch)
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, metadata)
+        return self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> SamplerOutput | None:
+        """Forward + sample. Returns one token per scheduled seq with ``samples`` set (in order)."""
+        logits = self.compute_logits(sched)
+        rows = [SamplingRow(params=s.req.params, prompt_token_ids=s.req.prompt_token_ids,
+                            output_token_ids=s.req.output_token_ids, generator=s.req.generator,
+                            eos_token_ids=s.req.eos_token_ids, dry_breaker_ids=s.req.dry_breaker_ids)
+                for s in sched.seqs if s.samples]
+        if not rows:
+            return None
+        return self.sampler(logits, rows)
