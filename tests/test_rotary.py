@@ -280,3 +280,12 @@ def test_half_precision_and_flat_layout():
 def test_compute_inv_freq_rejects_unknown_type():
     with pytest.raises(ModelLoadError):
         compute_inv_freq(32, 10000.0, {"rope_type": "bogus"}, 64)
+
+
+def test_identical_ropes_are_shared():
+    max_pos, rope = CASES["llama3"]
+    d = _cfg_dict(max_pos, rope)
+    a, b = _ours(d), _ours(d)
+    assert a is b  # per-layer get_rope calls share one cos/sin cache
+    assert _ours(d, max_model_len=100) is not a
+    assert _ours(_cfg_dict(max_pos, CASES["linear"][1])) is not a

@@ -27,6 +27,7 @@ vLLM does; `max_model_len` (the longest sequence the engine will run) picks the 
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -324,6 +325,19 @@ class RotaryEmbedding(torch.nn.Module):
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
 
+def _freeze(value: Any) -> Any:
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+# Layers of one model ask for identical ropes: share one module (and its cos/sin cache, which is
+# 64 MiB for 128k positions x 128 dims) while any model holds it.
+_SHARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
 def get_rope(
     head_dim: int,
     rotary_dim: int,
@@ -345,15 +359,23 @@ def get_rope(
     (a `partial_rotary_factor` key in it is ignored: pass the keyword). max_model_len: the
     engine's longest sequence; only dynamic and longrope depend on it (module docstring) and it
     sizes the initial cache (default max_position, or max_position*factor for dynamic).
+    Identical calls return the same module while it is alive, so per-layer calls share one cache.
     """
     if partial_rotary_factor < 1.0:
         rotary_dim = int(rotary_dim * partial_rotary_factor)
     if rotary_dim <= 0:
         raise ModelLoadError(f"rotary_dim must be positive, got {rotary_dim}")
+    key = (head_dim, rotary_dim, max_position, float(base), _freeze(scaling), dtype,
+           str(device) if device is not None else None, max_model_len)
+    shared = _SHARED.get(key)
+    if shared is not None:
+        return shared
     inv_freq, attention_scaling = compute_inv_freq(rotary_dim, base, scaling, max_position, max_model_len)
     cache_len = max_model_len
     if cache_len is None:
         cache_len = max_position
         if scaling and scaling.get("rope_type") == "dynamic":
             cache_len = int(max_position * scaling["factor"])
-    return RotaryEmbedding(head_dim, inv_freq, attention_scaling, cache_len, dtype, device)
+    rope = RotaryEmbedding(head_dim, inv_freq, attention_scaling, cache_len, dtype, device)
+    _SHARED[key] = rope
+    return rope
