@@ -27,7 +27,10 @@ def load_model(model_config: ModelConfig, device: torch.device, backend: Attenti
     torch.set_default_dtype(model_config.dtype)
     try:
         with torch.device(device):
-            model: CausalLM = cls(model_config.text_config, backend)
+            # The engine's context length rides along in the config: rope scalings that depend on
+            # it (dynamic, longrope) read it there.
+            cfg = {**model_config.text_config, "max_model_len": model_config.max_model_len}
+            model: CausalLM = cls(cfg, backend)
     finally:
         torch.set_default_dtype(previous)
     files = safetensors_files(Path(model_config.path))

@@ -70,7 +70,8 @@ class LlamaAttention(nn.Module):
         base, scaling = rope_params_from_config(cfg)
         self.rotary_emb = get_rope(self.head_dim, self.head_dim, int(cfg.get("max_position_embeddings", 4096)),
                                    base, scaling, torch.float32,
-                                   partial_rotary_factor=float(cfg.get("partial_rotary_factor", 1.0)))
+                                   partial_rotary_factor=float(cfg.get("partial_rotary_factor", 1.0)),
+                                   max_model_len=cfg.get("max_model_len"))
         self.spec = AttentionSpec(scale=self.head_dim ** -0.5, sliding_window=layer_sliding_window(cfg, layer_idx))
         self.backend = backend
 

@@ -1,0 +1,126 @@
+"""AsyncEngine: the Engine's calls as coroutines / async iterators, for servers.
+
+All requests from all tasks share the Engine's one background step loop; updates cross from
+the loop thread into asyncio through ``call_soon_threadsafe``. Cancelling a task (a client
+disconnect) aborts its request and frees its KV blocks.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from mistralpy.engine import openai_format as oai
+from mistralpy.engine.core import SeqUpdate
+from mistralpy.engine.input_processor import Prompt, is_token_ids
+from mistralpy.engine.llm_engine import Engine, sampling_from_kwargs
+from mistralpy.engine.output_tracker import RequestTracker
+from mistralpy.engine.outputs import OpenAIObject, RequestOutput
+from mistralpy.errors import InvalidRequestError
+from mistralpy.sampling_params import SamplingParams
+
+
+class AsyncEngine:
+    def __init__(self, model: str | None = None, *, engine: Engine | None = None, **options: Any) -> None:
+        if engine is None:
+            if model is None:
+                raise InvalidRequestError("AsyncEngine needs a model or an engine", "model")
+            engine = Engine(model, **options)
+        self.engine = engine
+
+    @classmethod
+    def from_engine(cls, engine: Engine) -> AsyncEngine:
+        return cls(engine=engine)
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    async def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.engine.tokenize(text, add_special_tokens)
+
+    async def detokenize(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.engine.detokenize(token_ids, skip_special_tokens)
+
+    async def _updates(self, tracker: RequestTracker, reqs: list) -> AsyncIterator[SeqUpdate]:
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[SeqUpdate] = asyncio.Queue()
+        self.engine.loop.submit(reqs, lambda u: loop.call_soon_threadsafe(q.put_nowait, u))
+        try:
+            while not tracker.finished:
+                try:
+                    update = await asyncio.wait_for(q.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    self.engine._check_alive()
+                    continue
+                yield update
+        finally:
+            if not tracker.finished:
+                self.engine.loop.abort([r.request_id for r in reqs])
+
+    async def generate_stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+                              add_special_tokens: bool = True) -> AsyncIterator[RequestOutput]:
+        """Async iterator of per-token deltas (one choice each), like Engine.generate_stream."""
+        tracker, reqs = self.engine._prepare(prompt, sampling_params, add_special_tokens)
+        async for update in self._updates(tracker, reqs):
+            yield tracker.delta_output(tracker.apply(update))
+
+    async def generate_one(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+                           add_special_tokens: bool = True) -> RequestOutput:
+        tracker, reqs = self.engine._prepare(prompt, sampling_params, add_special_tokens)
+        async for update in self._updates(tracker, reqs):
+            tracker.apply(update)
+        return tracker.snapshot()
+
+    async def generate(self, prompts: Prompt | Sequence[Prompt],
+                       sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+        if isinstance(prompts, str) or is_token_ids(prompts):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = list(sampling_params) if isinstance(sampling_params, (list, tuple)) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise InvalidRequestError("need one SamplingParams per prompt", "sampling_params")
+        return list(await asyncio.gather(*(self.generate_one(p, sp) for p, sp in zip(prompts, params))))
+
+    async def chat(self, messages: Sequence[dict[str, Any]], *, stream: bool = False, tools: list[dict] | None = None,
+                   add_generation_prompt: bool = True, chat_template_kwargs: dict[str, Any] | None = None,
+                   enable_thinking: bool | None = None, sampling_params: SamplingParams | None = None,
+                   stream_options: dict[str, Any] | None = None, **sampling: Any) -> OpenAIObject | AsyncIterator[OpenAIObject]:
+        """Awaitable chat completion; with stream=True, an async iterator of chunks."""
+        params = sampling_from_kwargs(sampling, sampling_params)
+        text = self.engine.render_chat(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                       chat_template_kwargs=chat_template_kwargs, enable_thinking=enable_thinking)
+        tracker, reqs = self.engine._prepare(text, params, add_special_tokens=False)
+        chat_id, created = oai.new_chat_id(), oai.now()
+        name = self.engine.model_name
+        if stream:
+            include_usage = bool((stream_options or {}).get("include_usage"))
+            return self._chat_chunks(tracker, reqs, chat_id, created, include_usage)
+        start = time.perf_counter()
+        async for update in self._updates(tracker, reqs):
+            tracker.apply(update)
+        return oai.chat_completion(tracker.snapshot(), model=name, chat_id=chat_id, created=created,
+                                   elapsed_s=time.perf_counter() - start)
+
+    async def _chat_chunks(self, tracker: RequestTracker, reqs: list, chat_id: str, created: int,
+                           include_usage: bool) -> AsyncIterator[OpenAIObject]:
+        seen: set[int] = set()
+        name = self.engine.model_name
+        async for update in self._updates(tracker, reqs):
+            delta = tracker.apply(update)
+            first = delta.index not in seen
+            seen.add(delta.index)
+            yield oai.chat_chunk(delta, model=name, chat_id=chat_id, created=created, first=first)
+        if include_usage:
+            yield oai.usage_chunk(tracker.snapshot(), model=name, chat_id=chat_id, created=created)
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort(request_id)
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
