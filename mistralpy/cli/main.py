@@ -1,0 +1,100 @@
+"""`mistralpy` command line: `run` (one-shot or interactive chat)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from mistralpy.errors import MistralPyError
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("-m", "--model", required=True, help="hub model id or local folder (config.json + safetensors)")
+    g.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    g.add_argument("--token-source", default="cache",
+                   help="hub token: cache | env:VAR | literal:TOKEN | path:FILE | none (default: cache)")
+    g.add_argument("--arch", help="override the architecture named in config.json (e.g. LlamaForCausalLM)")
+    g.add_argument("-t", "--tokenizer", help="tokenizer folder or hub id (default: the model's)")
+    g.add_argument("--chat-template", help="chat template file (.jinja or .json) or literal template")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "f16", "f32"],
+                   help="weights/activations dtype; auto never picks f16 on CPU (default: auto)")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    e = p.add_argument_group("engine")
+    e.add_argument("--max-seqs", type=int, default=32, help="max sequences running at once (default: 32)")
+    e.add_argument("--max-num-batched-tokens", type=int, default=512,
+                   help="token budget per step; longer prompts are chunked (default: 512)")
+    e.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    e.add_argument("--num-kv-blocks", type=int, help="KV cache blocks (default: from --kv-cache-memory-gb)")
+    e.add_argument("--kv-cache-memory-gb", type=float, help="KV cache size (default: 2 GB on CPU, 85%% free on GPU)")
+    e.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
+    e.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    e.add_argument("--no-chunked-prefill", action="store_true", help="disable chunked prefill")
+    e.add_argument("--seed", type=int, help="engine-wide seed for unseeded requests")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    s = p.add_argument_group("sampling (defaults: the model's generation_config.json)")
+    s.add_argument("--max-tokens", type=int, help="max generated tokens")
+    s.add_argument("--temperature", type=float, help="0 = greedy")
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--top-p", type=float)
+    s.add_argument("--min-p", type=float)
+    s.add_argument("--repetition-penalty", type=float)
+    s.add_argument("--presence-penalty", type=float, default=0.0)
+    s.add_argument("--frequency-penalty", type=float, default=0.0)
+    s.add_argument("--dry-multiplier", type=float, default=0.0, help="DRY repetition penalty strength (0 = off)")
+    s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(dtype=args.dtype, device=args.device, max_seqs=args.max_seqs,
+                max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+                num_kv_blocks=args.num_kv_blocks, kv_cache_memory_gb=args.kv_cache_memory_gb,
+                block_size=args.block_size, enable_prefix_caching=not args.no_prefix_caching,
+                enable_chunked_prefill=not args.no_chunked_prefill, revision=args.revision,
+                token_source=args.token_source, tokenizer=args.tokenizer, chat_template=args.chat_template,
+                arch=args.arch, seed=args.seed)
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                dry_multiplier=args.dry_multiplier, stop=args.stop)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mistralpy", description="mistral.py: fast LLM inference on PyTorch")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log loading and engine details")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="generate from a prompt (-i) or chat interactively",
+                         description="Generate once with -i PROMPT, or start an interactive chat.")
+    add_model_args(run)
+    add_sampling_args(run)
+    run.add_argument("-i", "--input", help="one-shot prompt: print the answer and exit")
+    run.add_argument("--raw", action="store_true", help="plain completion (no chat template), for base models")
+    run.add_argument("--system", help="system prompt for chat")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "run":
+            from mistralpy.cli.run import run_command
+
+            return run_command(args)
+    except MistralPyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
