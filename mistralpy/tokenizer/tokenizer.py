@@ -138,6 +138,10 @@ class Tokenizer:
         self.add_eos_token = bool(add_eos_token)
         if add_bos_token is not None or add_eos_token is not None or backend.post_processor is None:
             self._rebuild_post_processor()
+        # What the post-processor really does (it may come from tokenizer.json).
+        probe = backend.encode("", add_special_tokens=True).ids
+        self.add_bos_token = bool(probe) and probe[0] == self.bos_token_id
+        self.add_eos_token = bool(probe) and probe[-1] == self.eos_token_id
 
         eos = {int(i) for i in extra_eos_token_ids if i is not None}
         if self.eos_token_id is not None:
@@ -252,7 +256,9 @@ class Tokenizer:
                 extra_eos.extend(int(i) for i in eos if isinstance(i, int))
 
         return cls(backend, special_tokens=special_tokens, templates=templates,
-                   add_bos_token=config.get("add_bos_token"), add_eos_token=config.get("add_eos_token"),
+                   # transformers 5 ignores add_bos_token/add_eos_token when tokenizer.json exists:
+                   # its post-processor decides.
+                   add_bos_token=None, add_eos_token=None,
                    extra_eos_token_ids=extra_eos, extra_special_tokens=extra, named_token_values=named_values,
                    clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
                    template_context=template_context)
