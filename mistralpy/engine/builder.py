@@ -12,7 +12,7 @@ from mistralpy.config import (CacheConfig, EngineConfig, ModelConfig, SchedulerC
                               read_json, resolve_device, resolve_dtype)
 from mistralpy.engine.core import EngineCore
 from mistralpy.errors import InvalidRequestError, ModelLoadError
-from mistralpy.loading.hub import resolve_model_dir
+from mistralpy.loading.hub import METADATA_ALLOW_PATTERNS, resolve_model_dir
 from mistralpy.loading.safetensors_reader import checkpoint_dtype
 from mistralpy.models.registry import resolve_architecture
 from mistralpy.tokenizer.tokenizer import Tokenizer
@@ -73,7 +73,8 @@ def build_core(model: str, opts: EngineOptions) -> tuple[EngineCore, Tokenizer, 
                                generation_config=gen_cfg)
     tok_dir = opts.tokenizer or str(model_dir)
     if opts.tokenizer and not Path(opts.tokenizer).exists():
-        tok_dir = str(resolve_model_dir(opts.tokenizer, revision=opts.revision, token_source=opts.token_source))
+        tok_dir = str(resolve_model_dir(opts.tokenizer, revision=opts.revision, token_source=opts.token_source,
+                                        allow_patterns=METADATA_ALLOW_PATTERNS))
     tokenizer = Tokenizer.from_dir(tok_dir, chat_template_override=opts.chat_template)
     config = EngineConfig(
         model=model_config,

@@ -15,7 +15,7 @@ from mistralpy.layers.activation import act_and_mul, get_act_fn
 from mistralpy.layers.embedding import LMHead, VocabEmbedding
 from mistralpy.layers.linear import Linear, MergedLinear
 from mistralpy.layers.norm import RMSNorm
-from mistralpy.layers.rotary import get_rope, rope_params_from_config
+from mistralpy.layers.rotary import get_rope, partial_rotary_factor_from_config, rope_params_from_config
 from mistralpy.models.base import CausalLM, cfg_get
 
 
@@ -70,7 +70,7 @@ class LlamaAttention(nn.Module):
         base, scaling = rope_params_from_config(cfg)
         self.rotary_emb = get_rope(self.head_dim, self.head_dim, int(cfg.get("max_position_embeddings", 4096)),
                                    base, scaling, torch.float32,
-                                   partial_rotary_factor=float(cfg.get("partial_rotary_factor", 1.0)),
+                                   partial_rotary_factor=partial_rotary_factor_from_config(cfg),
                                    max_model_len=cfg.get("max_model_len"))
         self.spec = AttentionSpec(scale=self.head_dim ** -0.5, sliding_window=layer_sliding_window(cfg, layer_idx))
         self.backend = backend
