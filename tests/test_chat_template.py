@@ -55,17 +55,17 @@ def _both(name: str):
 
 
 @pytest.mark.parametrize("case", [
-    dict(messages=SIMPLE),
-    dict(messages=SIMPLE, add_generation_prompt=False),
-    dict(messages=WITH_SYSTEM),
-    dict(messages=WITH_SYSTEM, enable_thinking=False),
-    dict(messages=WITH_SYSTEM, enable_thinking=True),
-    dict(messages=SIMPLE, tools=[WEATHER_TOOL, SEARCH_TOOL]),
-    dict(messages=TOOL_CONVERSATION, tools=[WEATHER_TOOL]),
-    dict(messages=TOOL_CONVERSATION, tools=[WEATHER_TOOL], enable_thinking=False),
-    dict(messages=TOOL_CONVERSATION[1:]),
-    dict(messages=THINKING_HISTORY),
-    dict(messages=THINKING_HISTORY + [{"role": "user", "content": "More"}], enable_thinking=False),
+    {"messages": SIMPLE},
+    {"messages": SIMPLE, "add_generation_prompt": False},
+    {"messages": WITH_SYSTEM},
+    {"messages": WITH_SYSTEM, "enable_thinking": False},
+    {"messages": WITH_SYSTEM, "enable_thinking": True},
+    {"messages": SIMPLE, "tools": [WEATHER_TOOL, SEARCH_TOOL]},
+    {"messages": TOOL_CONVERSATION, "tools": [WEATHER_TOOL]},
+    {"messages": TOOL_CONVERSATION, "tools": [WEATHER_TOOL], "enable_thinking": False},
+    {"messages": TOOL_CONVERSATION[1:]},
+    {"messages": THINKING_HISTORY},
+    {"messages": THINKING_HISTORY + [{"role": "user", "content": "More"}], "enable_thinking": False},
 ], ids=lambda c: "-".join(f"{k}" for k in c if k != "messages") + f"-{len(c['messages'])}msgs")
 def test_qwen3_matches_transformers(case):
     ours, hf = _both("qwen3")

@@ -106,7 +106,7 @@ def test_gemma_byte_fallback_and_spaces():
 def test_invalid_bytes_do_not_stall_forever():
     tok = _tok("gemma3")
     junk = [tok.token_to_id("<0x80>")] * 20 + tok.encode(" ok", add_special_tokens=False)
-    deltas, d = _stream(tok, junk)
+    deltas, _ = _stream(tok, junk)
     assert "".join(deltas) == tok.decode(junk)
     assert "".join(deltas[:-1]), "text should be released before the final flush"
 

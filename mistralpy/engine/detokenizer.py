@@ -35,7 +35,7 @@ class IncrementalDetokenizer:
     `prompt_token_ids` is accepted for API symmetry; the text depends on the output ids alone.
     """
 
-    def __init__(self, tokenizer: "Tokenizer", prompt_token_ids: Sequence[int], *,
+    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: Sequence[int], *,
                  skip_special_tokens: bool = True, stop: Sequence[str] = (),
                  include_stop_str_in_output: bool = False) -> None:
         self.tokenizer = tokenizer

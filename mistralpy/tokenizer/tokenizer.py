@@ -178,7 +178,7 @@ class Tokenizer:
 
     # ----------------------------------------------------------------------------------- loading
     @classmethod
-    def from_dir(cls, path: str | Path, *, chat_template_override: str | Path | None = None) -> "Tokenizer":
+    def from_dir(cls, path: str | Path, *, chat_template_override: str | Path | None = None) -> Tokenizer:
         """Load a Hugging Face tokenizer folder (tokenizer.json + optional configs and templates)."""
         path = Path(path)
         tokenizer_file = path / "tokenizer.json"
@@ -267,7 +267,7 @@ class Tokenizer:
     def from_tokenizers(cls, tok: _HFTokenizer, *, bos_token: str | None, eos_token: str | None,
                         chat_template: str | None, add_bos_token: bool = False, add_eos_token: bool = False,
                         extra_eos_token_ids: Sequence[int] = (), unk_token: str | None = None,
-                        pad_token: str | None = None) -> "Tokenizer":
+                        pad_token: str | None = None) -> Tokenizer:
         """Wrap a `tokenizers.Tokenizer` built elsewhere (GGUF); the post-processor follows the flags."""
         special_tokens = {"bos_token": bos_token, "eos_token": eos_token, "unk_token": unk_token,
                           "pad_token": pad_token}
