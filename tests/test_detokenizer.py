@@ -185,3 +185,30 @@ def test_earliest_stop_wins_and_specials(fixture_tok):
     d = IncrementalDetokenizer(tok, [], skip_special_tokens=False, stop=["<|im_end|>"])
     assert d.push(tok.encode("yes", add_special_tokens=False) + [eos]) == "<|im_end|>"
     assert d.take_delta(final=True) == "yes"
+
+
+def _sentencepiece_strip_tokenizer():
+    """A Llama 2 / Mistral style tokenizer: Metaspace with a decoder that strips the leading space."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers, trainers
+
+    from mistralpy.tokenizer.tokenizer import Tokenizer
+
+    tok = HFTokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tok.train_from_iterator(["The capital of France is Paris. Paris is big."] * 50, trainer=trainer)
+    return Tokenizer.from_tokenizers(tok, bos_token="<s>", eos_token="</s>", chat_template=None)
+
+
+def test_first_output_token_keeps_its_leading_space_after_a_prompt():
+    tok = _sentencepiece_strip_tokenizer()
+    prompt = tok.encode("The capital of France is", add_special_tokens=False)
+    output = tok.encode("Paris.", add_special_tokens=False)  # "▁Paris." as the model would emit it
+    assert tok.decode(output) == "Paris."  # decoding alone strips the space ...
+    d = IncrementalDetokenizer(tok, prompt)
+    d.push(output)
+    assert d.take_delta(final=True) == " Paris."  # ... but after the prompt it is part of the text
+    assert tok.decode(prompt + output) == "The capital of France is Paris."

@@ -24,6 +24,8 @@ _REPLACEMENT = "\ufffd"
 # A UTF-8 character spans at most 4 bytes, so at most 4 tokens. After this many unread tokens whose
 # text still ends in U+FFFD, the bytes are invalid for good: stop waiting for them.
 _MAX_PENDING = 8
+# Prompt ids kept as decoding context for the first output tokens.
+_PROMPT_CONTEXT = 4
 
 
 class IncrementalDetokenizer:
@@ -47,13 +49,23 @@ class IncrementalDetokenizer:
         self.num_prompt_tokens = len(prompt_token_ids)
 
         self.output_ids: list[int] = []   # every id pushed (specials included)
-        self._ids: list[int] = []         # the ids that make text
+        # The ids that make text, led by a few prompt ids as context: tokenizers whose decoder strips
+        # a leading space (Llama 2 / Mistral SentencePiece) then keep the space of the first output
+        # token (" Paris"), as the text would read after the prompt.
+        self._ids: list[int] = self._prompt_context(prompt_token_ids)
         self._prefix_offset = 0           # self._ids[prefix:read] is the context window, already read
-        self._read_offset = 0
+        self._read_offset = len(self._ids)
         self.output_text = ""
         self._sent = 0                    # chars of output_text handed out by take_delta
         self.stop_reason: str | None = None   # the stop string matched, if any
         self._flushed = False
+
+    def _prompt_context(self, prompt_token_ids: Sequence[int]) -> list[int]:
+        tail = [int(t) for t in list(prompt_token_ids)[-_PROMPT_CONTEXT:] if int(t) not in self._skip_ids]
+        # A tail that decodes to an incomplete character would shift the first delta: use none.
+        if tail and self.tokenizer.decode(tail, skip_special_tokens=False).endswith(_REPLACEMENT):
+            return []
+        return tail
 
     @property
     def stopped(self) -> bool:
