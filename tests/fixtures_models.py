@@ -39,7 +39,7 @@ _CLASSES = {
 
 
 def build_checkpoint(out_dir: Path, variant: str, tokenizer_dir: Path | None = None, seed: int = 0,
-                     dtype: torch.dtype = torch.float32, **overrides: Any) -> Path:
+                     dtype: torch.dtype = torch.float32, max_shard_size: str = "50GB", **overrides: Any) -> Path:
     """Write a random-weight HF checkpoint (+ tokenizer files) into out_dir."""
     import transformers
 
@@ -52,7 +52,7 @@ def build_checkpoint(out_dir: Path, variant: str, tokenizer_dir: Path | None = N
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith(".bias"):
                 p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, max_shard_size=max_shard_size)
     if tokenizer_dir is not None:
         for f in Path(tokenizer_dir).iterdir():
             shutil.copy(f, out_dir / f.name)
