@@ -95,8 +95,9 @@ class TorchRefBackend:
                 spec: AttentionSpec) -> torch.Tensor:
         bd, nb = md.decode_blocks.shape
         num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-        keys = k_cache[md.decode_blocks].view(bd, nb * md.block_size, num_kv_heads, head_dim)
-        vals = v_cache[md.decode_blocks].view(bd, nb * md.block_size, num_kv_heads, head_dim)
+        flat_blocks = md.decode_blocks.reshape(-1)  # index_select is several times faster than advanced indexing
+        keys = k_cache.index_select(0, flat_blocks).view(bd, nb * md.block_size, num_kv_heads, head_dim)
+        vals = v_cache.index_select(0, flat_blocks).view(bd, nb * md.block_size, num_kv_heads, head_dim)
         key = ("decode", spec.sliding_window)
         mask = md._masks.get(key)
         if mask is None:
@@ -123,16 +124,17 @@ def _prefill_mask(q_len: int, seq_len: int, window: int | None, device: torch.de
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
           spec: AttentionSpec) -> torch.Tensor:
     """q [B, Hq, Lq, D], k/v [B, Hk, Lk, D]; mask bool broadcastable to [B, Hq, Lq, Lk] or None (causal)."""
-    if k.shape[1] != q.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
+    gqa = k.shape[1] != q.shape[1]
     if spec.logit_softcap is not None:
+        if gqa:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * spec.scale
         scores = torch.tanh(scores / spec.logit_softcap) * spec.logit_softcap
         if mask is not None:
             scores = scores.masked_fill(~mask, -math.inf)
         return torch.matmul(torch.softmax(scores, dim=-1), v.float()).to(q.dtype)
+    # enable_gqa lets SDPA share each K/V head across its query group without copying K/V.
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=spec.scale)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=spec.scale)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=spec.scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=spec.scale, enable_gqa=gqa)
