@@ -258,6 +258,7 @@ class RotaryEmbedding(torch.nn.Module):
         self.attention_scaling = float(attention_scaling)
         self.dtype = dtype  # the model's dtype; outputs take q/k's dtype, the cache stays float32
         self.check_bounds = True
+        self._step_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._cos = self._sin = torch.empty(0)
         self._build(max(int(max_position), 1), self.inv_freq.device)
 
@@ -320,8 +321,16 @@ class RotaryEmbedding(torch.nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] int64; q [T, Hq, D], k [T, Hk, D] (or [T, H*D]) -> rotated, same shapes/dtypes."""
-        cos, sin = self.cos_sin(positions)
-        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # [T, 1, rotary_dim/2]
+        # Every layer passes the same positions tensor in a step: look cos/sin up once per step.
+        cached = self._step_cache
+        if cached is None or cached[0] is not positions:
+            cos, sin = self.cos_sin(positions)
+            cached = self._step_cache = (positions, cos.unsqueeze(-2), sin.unsqueeze(-2))  # [T, 1, rd/2]
+        _, cos, sin = cached
+        if q.dim() == 3 and k.dim() == 3 and q.shape[-1] == k.shape[-1]:
+            # one rotation over q and k side by side: half the small ops of rotating each
+            both = self._rotate(torch.cat((q, k), dim=1), cos, sin)
+            return both[:, : q.shape[1]], both[:, q.shape[1]:]
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
 
