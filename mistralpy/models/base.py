@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from mistralpy.errors import ModelLoadError
+from mistralpy.layers.linear import default_weight_loader
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +45,18 @@ class CausalLM(nn.Module):
             name = self.map_weight_name(raw_name)
             if name is None or (tied and name.startswith("lm_head.")):
                 continue
-            for fused, shard_name, shard in self.stacked_params:
+            shard = None
+            for fused, shard_name, index in self.stacked_params:
                 if f".{shard_name}." in name:
-                    name = name.replace(f".{shard_name}.", f".{fused}.")
-                    param = self._param(params, name, raw_name)
-                    module = self.get_submodule(name.rsplit(".", 1)[0])
-                    module.load_shard(param, tensor.to(param.dtype), shard)
-                    loaded.add(f"{name}#{shard}")
+                    name, shard = name.replace(f".{shard_name}.", f".{fused}."), index
                     break
-            else:
-                param = self._param(params, name, raw_name)
-                if param.shape != tensor.shape:
-                    raise ModelLoadError(f"{raw_name}: checkpoint shape {tuple(tensor.shape)} does not match "
-                                         f"the model's {tuple(param.shape)}")
-                param.data.copy_(tensor)
-                loaded.add(name)
+            param = self._param(params, name, raw_name)
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            try:
+                loader(param, tensor, shard)
+            except ModelLoadError as exc:
+                raise ModelLoadError(f"{raw_name}: {exc}") from None
+            loaded.add(name if shard is None else f"{name}#{shard}")
         self._check_all_loaded(params, loaded)
 
     def _param(self, params: dict[str, nn.Parameter], name: str, raw_name: str) -> nn.Parameter:
