@@ -1,0 +1,65 @@
+"""`mistralpy run` as a user runs it: a real subprocess, one-shot and interactive (stdin)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from fixtures_models import build_checkpoint
+from mistralpy import Engine, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tokenizer_dir):
+    return build_checkpoint(tmp_path_factory.mktemp("cli"), "qwen3", tokenizer_dir, head_dim=32)
+
+
+def _run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mistralpy.cli.main", *args], input=stdin, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_one_shot_prints_the_greedy_chat_answer(ckpt):
+    proc = _run("run", "-m", str(ckpt), "-i", "hello there", "--max-tokens", "6", "--temperature", "0",
+                "--dtype", "f32")
+    assert proc.returncode == 0, proc.stderr
+    eng = Engine(str(ckpt), dtype="f32", num_kv_blocks=16)
+    try:
+        expected = eng.chat([{"role": "user", "content": "hello there"}], max_tokens=6, temperature=0)
+    finally:
+        eng.shutdown()
+    assert proc.stdout == expected.choices[0].message.content + "\n"
+
+
+def test_raw_mode_and_bad_model_error(ckpt, tmp_path):
+    proc = _run("run", "-m", str(ckpt), "--raw", "-i", "def f(", "--max-tokens", "4", "--temperature", "0")
+    assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr
+    proc = _run("run", "-m", str(tmp_path / "nope"), "-i", "x")
+    assert proc.returncode == 2 and proc.stderr.startswith("error:")
+    proc = _run("run", "-m", str(ckpt), "-i", "x", "--top-p", "3")
+    assert proc.returncode == 2 and "top_p" in proc.stderr
+
+
+def test_interactive_session_with_slash_commands(ckpt):
+    script = "/help\n/temperature 0\nhi\n/system be brief\n/topk nope\nhello\n/exit\n"
+    proc = _run("run", "-m", str(ckpt), "--max-tokens", "3", stdin=script)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "/system TEXT" in out and "(system prompt set)" in out and "/topk needs a number" in out
+    assert out.count("> ") >= 6  # a prompt per line read
+
+
+def test_chat_template_override_file(ckpt, tmp_path):
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}<<{{ m['role'] }}>>{{ m['content'] }}{% endfor %}"
+                        "{% if add_generation_prompt %}<<bot>>{% endif %}")
+    eng = Engine(str(ckpt), dtype="f32", num_kv_blocks=16, chat_template=str(template))
+    try:
+        assert eng.render_chat([{"role": "user", "content": "hi"}]) == "<<user>>hi<<bot>>"
+        resp = eng.chat([{"role": "user", "content": "hi"}], max_tokens=3, temperature=0, ignore_eos=True)
+        assert resp.usage.prompt_tokens == len(eng.tokenize("<<user>>hi<<bot>>", add_special_tokens=False))
+        out = eng.generate("<<user>>hi<<bot>>", SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))[0]
+        assert out.outputs[0].text == resp.choices[0].message.content
+    finally:
+        eng.shutdown()
