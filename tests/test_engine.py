@@ -207,3 +207,24 @@ def test_async_engine_concurrent(engine):
     assert _tokens(results) == expected
     assert "".join(c.choices[0].delta.content for c in chunks) == full.choices[0].message.content
     assert [t for d in deltas for t in d.outputs[0].token_ids] == expected[0]
+
+
+def test_step_failure_fails_only_requests_in_flight(engine, monkeypatch):
+    runner = engine.core.runner
+    real_execute = runner.execute
+    calls = {"n": 0}
+
+    def flaky(sched):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("injected kernel failure")
+        return real_execute(sched)
+
+    monkeypatch.setattr(runner, "execute", flaky)
+    out = engine.generate("boom", SamplingParams(max_tokens=20, ignore_eos=True))[0]
+    assert out.outputs[0].finish_reason == "error" and "injected" in out.error
+    assert len(out.outputs[0].token_ids) == 1  # the token of the first step is kept
+    monkeypatch.setattr(runner, "execute", real_execute)
+    assert all(b.ref_cnt == 0 for b in engine.core.kv.pool.blocks)
+    again = engine.generate("boom", SamplingParams(max_tokens=5, ignore_eos=True))[0]
+    assert again.outputs[0].finish_reason == "length" and again.error is None
