@@ -228,3 +228,19 @@ def test_step_failure_fails_only_requests_in_flight(engine, monkeypatch):
     assert all(b.ref_cnt == 0 for b in engine.core.kv.pool.blocks)
     again = engine.generate("boom", SamplingParams(max_tokens=5, ignore_eos=True))[0]
     assert again.outputs[0].finish_reason == "length" and again.error is None
+
+
+def test_garbage_in_unused_kv_slots_never_leaks(ckpt, engine):
+    """The cache is allocated uninitialised; padded / unwritten slots are read under a mask."""
+    prompts = _prompts([21, 5, 40], seed=13)
+    expected = _tokens(engine.generate(prompts, GREEDY))
+    fresh = Engine(str(ckpt), dtype="f32", num_kv_blocks=32, max_model_len=512)
+    try:
+        runner = fresh.core.runner
+        for k_cache, v_cache in runner.kv_caches:
+            k_cache.fill_(float("nan"))
+            v_cache.fill_(float("nan"))
+        assert _tokens(fresh.generate(prompts, GREEDY)) == expected
+        assert 0 < runner._zeroed_blocks <= 32
+    finally:
+        fresh.shutdown()

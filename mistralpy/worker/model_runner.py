@@ -64,9 +64,13 @@ class ModelRunner:
         self.num_blocks = decide_num_blocks(config.cache, per_block, self.device, config.model.max_model_len,
                                             config.scheduler.max_seqs)
         shape = (self.num_blocks, self.block_size, self.model.num_kv_heads, self.model.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=config.model.dtype, device=self.device),
-                           torch.zeros(shape, dtype=config.model.dtype, device=self.device))
+        # Allocated uninitialised (no start-up memset, no resident memory until used) and zeroed
+        # up to the highest block id in use, on first use: attention reads padded and not yet
+        # written slots under a mask, and 0 * NaN garbage would still poison the output.
+        self.kv_caches = [(torch.empty(shape, dtype=config.model.dtype, device=self.device),
+                           torch.empty(shape, dtype=config.model.dtype, device=self.device))
                           for _ in range(self.model.num_layers)]
+        self._zeroed_blocks = 0
         log.info("KV cache: %d blocks x %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
                  self.num_blocks * per_block / 2**20)
         self.sampler = Sampler(config.model.vocab_size, seed=config.seed)
@@ -93,6 +97,7 @@ class ModelRunner:
             starts.append(starts[-1] + s.num_new_tokens)
             if s.samples:
                 logits_rows.append(starts[-1] - 1)
+        self._zero_new_blocks(max(max(s.req.block_ids) for s in sched.seqs) + 1)
         max_blocks = max(len(s.req.block_ids) for s in sched.seqs)
         table = [s.req.block_ids + [0] * (max_blocks - len(s.req.block_ids)) for s in sched.seqs]
         dev = self.device
@@ -105,6 +110,15 @@ class ModelRunner:
             logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=dev),
             block_size=bs,
         )
+
+    def _zero_new_blocks(self, high: int) -> None:
+        """Zero blocks [zeroed, high) before they are first read (padding uses block 0 too)."""
+        if high <= self._zeroed_blocks:
+            return
+        for k_cache, v_cache in self.kv_caches:
+            k_cache[self._zeroed_blocks:high].zero_()
+            v_cache[self._zeroed_blocks:high].zero_()
+        self._zeroed_blocks = high
 
     @torch.inference_mode()
     def compute_logits(self, sched: SchedulerOutput) -> torch.Tensor:
