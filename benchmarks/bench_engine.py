@@ -460,6 +460,19 @@ def report(res: dict) -> str:
     return "\n".join(lines)
 
 
+def in_thread(fn, *args):
+    """fn(*args) on a thread that exits afterwards (its OpenMP pool goes with it)."""
+    import threading
+
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(fn(*args)))
+    t.start()
+    t.join()
+    if not out:
+        raise RuntimeError(f"{fn.__name__} failed (see the traceback above)")
+    return out[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Before torch is imported, so every thread pool (and mistralpy's runner) uses this count.
@@ -469,9 +482,11 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    path = build_checkpoint(args)
+    # Heavy torch work of the set-up runs on a short-lived thread: a main thread that owns an
+    # OpenMP pool makes libgomp throttle the engine thread's pool (see mistralpy/engine/loop.py).
+    path = in_thread(build_checkpoint, args)
     n_params, nbytes = weight_bytes_per_token(path, 2 if args.dtype == "bf16" else 4)
-    bandwidth = measure_bandwidth(args.bandwidth_gib)
+    bandwidth = in_thread(measure_bandwidth, args.bandwidth_gib)
     print(f"memory read bandwidth: {bandwidth:.1f} GB/s", flush=True)
 
     config = json.loads((path / "config.json").read_text())

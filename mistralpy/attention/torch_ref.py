@@ -108,8 +108,27 @@ class TorchRefBackend:
                 mask &= pos.unsqueeze(0) > (lens - 1 - spec.sliding_window)
             mask = mask[:, None, None, :]
             md._masks[key] = mask
-        out = _sdpa(q.unsqueeze(2), keys.transpose(1, 2), vals.transpose(1, 2), mask, spec)
-        return out.squeeze(2)
+        q4, k4, v4 = q.unsqueeze(2), keys.transpose(1, 2), vals.transpose(1, 2)
+        if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and spec.logit_softcap is None:
+            return _cpu_low_precision_decode(q4, k4, v4, mask, spec).squeeze(2)
+        return _sdpa(q4, k4, v4, mask, spec).squeeze(2)
+
+
+def _cpu_low_precision_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                              spec: AttentionSpec) -> torch.Tensor:
+    """One-query attention for bf16/f16 on CPU, where SDPA's kernel is slow (194 us for one 9-head
+    row of 300 keys on a Zen 4, 2.7 ms for 16 rows). A few rows: SDPA in float32 (54 us). More
+    rows: grouped-query matmuls in the cache dtype with a float32 softmax (440 us for 16 rows).
+    q [B, Hq, 1, D], k/v [B, Hk, L, D], mask [B, 1, 1, L] -> [B, Hq, 1, D]."""
+    b, hq, _, d = q.shape
+    hk = k.shape[1]
+    if b <= 4:
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, scale=spec.scale,
+                                             enable_gqa=hk != hq)
+        return out.to(q.dtype)
+    scores = torch.matmul(q.view(b, hk, hq // hk, d), k.transpose(-1, -2)).float() * spec.scale
+    probs = torch.softmax(scores.masked_fill_(~mask, -math.inf), dim=-1).to(q.dtype)
+    return torch.matmul(probs, v).view(b, hq, 1, d)
 
 
 def _prefill_mask(q_len: int, seq_len: int, window: int | None, device: torch.device) -> torch.Tensor:

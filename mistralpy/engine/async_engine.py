@@ -16,7 +16,7 @@ from mistralpy.engine.core import SeqUpdate
 from mistralpy.engine.input_processor import Prompt, is_token_ids
 from mistralpy.engine.llm_engine import Engine, sampling_from_kwargs
 from mistralpy.engine.output_tracker import RequestTracker
-from mistralpy.engine.outputs import OpenAIObject, RequestOutput
+from mistralpy.engine.outputs import CompletionOutput, OpenAIObject, RequestOutput
 from mistralpy.errors import InvalidRequestError
 from mistralpy.sampling_params import SamplingParams
 
@@ -124,3 +124,31 @@ class AsyncEngine:
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+
+    # ---- building blocks for servers ---------------------------------------------------------
+    def prepare(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+                add_special_tokens: bool = True) -> tuple[RequestTracker, list]:
+        """Tokenize and validate one prompt without submitting it (raises InvalidRequestError /
+        PromptTooLongError), so a server can check every prompt of a request before running any."""
+        return self.engine._prepare(prompt, sampling_params, add_special_tokens)
+
+    async def stream_prepared(self, prepared: Sequence[tuple[RequestTracker, list]]
+                              ) -> AsyncIterator[tuple[int, CompletionOutput]]:
+        """Submit prepared requests together; yield (index into ``prepared``, choice delta) per token.
+        Closing the iterator (or cancelling its task) aborts whatever is unfinished and frees its blocks."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[tuple[int, SeqUpdate]] = asyncio.Queue()
+        for k, (_, reqs) in enumerate(prepared):
+            self.engine.loop.submit(reqs, lambda u, k=k: loop.call_soon_threadsafe(q.put_nowait, (k, u)))
+        try:
+            while not all(t.finished for t, _ in prepared):
+                try:
+                    k, update = await asyncio.wait_for(q.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    self.engine._check_alive()
+                    continue
+                yield k, prepared[k][0].apply(update)
+        finally:
+            unfinished = [r.request_id for t, reqs in prepared if not t.finished for r in reqs]
+            if unfinished:
+                self.engine.loop.abort(unfinished)

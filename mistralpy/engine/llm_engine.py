@@ -14,7 +14,7 @@ from typing import Any
 
 from mistralpy.engine import openai_format as oai
 from mistralpy.engine.builder import EngineOptions, build_core, generation_defaults
-from mistralpy.engine.core import SeqUpdate
+from mistralpy.engine.core import EngineCore, SeqUpdate
 from mistralpy.engine.input_processor import InputProcessor, Prompt, is_token_ids, new_request_id
 from mistralpy.engine.loop import EngineLoop
 from mistralpy.engine.output_tracker import RequestTracker
@@ -86,11 +86,17 @@ class Engine:
         except TypeError as exc:
             raise InvalidRequestError(f"Engine: {exc}") from exc
         self.model_name = model
-        self.core, self.tokenizer, self.model_config = build_core(model, self.options)
+        built: list = []
+
+        def build() -> EngineCore:
+            built.extend(build_core(model, self.options))
+            return built[0]
+
+        self.loop = EngineLoop.start(build)
+        self.core, self.tokenizer, self.model_config = built
         self.generation_defaults = generation_defaults(self.model_config.generation_config)
         self.inputs = InputProcessor(self.tokenizer, self.model_config.vocab_size, self.generation_defaults,
                                      self.core.max_total_tokens, self.core.config.device)
-        self.loop = EngineLoop(self.core)
 
     # ---- text in, text out -------------------------------------------------------------------
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:

@@ -59,3 +59,44 @@ def usage_chunk(result: RequestOutput, *, model: str, chat_id: str, created: int
 
 def now() -> int:
     return int(time.time())
+
+
+# ---- legacy text completions (/v1/completions) -------------------------------------------------
+def new_completion_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex[:24]}"
+
+
+def completion_logprobs(entries: list | None, text_offset: int = 0) -> dict[str, Any] | None:
+    """OpenAI's legacy logprobs shape: parallel lists of tokens, their logprobs, top alternatives
+    (token -> logprob) and character offsets into the choice's text."""
+    if entries is None:
+        return None
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    for e in entries:
+        tokens.append(e.token)
+        token_logprobs.append(e.logprob)
+        top.append({t.token: t.logprob for t in e.top_logprobs})
+        offsets.append(text_offset)
+        text_offset += len(e.token)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def completion_choice(index: int, text: str, finish_reason: str | None, logprobs: dict[str, Any] | None,
+                      ) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def text_completion(choices: list[dict[str, Any]], *, model: str, completion_id: str, created: int,
+                    usage_body: dict[str, Any]) -> OpenAIObject:
+    return OpenAIObject({"id": completion_id, "object": "text_completion", "created": created, "model": model,
+                         "choices": choices, "usage": usage_body})
+
+
+def completion_chunk(choice: dict[str, Any] | None, *, model: str, completion_id: str, created: int,
+                     usage_body: dict[str, Any] | None = None) -> OpenAIObject:
+    """One streamed text_completion chunk (one choice), or the final usage-only chunk (choice None)."""
+    body: dict[str, Any] = {"id": completion_id, "object": "text_completion", "created": created, "model": model,
+                            "choices": [] if choice is None else [choice]}
+    if usage_body is not None:
+        body["usage"] = usage_body
+    return OpenAIObject(body)

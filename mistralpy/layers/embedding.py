@@ -18,7 +18,10 @@ class VocabEmbedding(nn.Module):
 
 
 class LMHead(nn.Module):
-    """logits = h W^T. When tied, shares the embedding's weight (no copy, nothing to load)."""
+    """logits = h W^T. When tied, shares the embedding's weight (nothing to load; prepacking on CPU
+    makes the head its own packed copy, as the embedding lookup needs the plain one)."""
+
+    prepackable = True
 
     def __init__(self, vocab_size: int, hidden_size: int, tied_to: VocabEmbedding | None = None) -> None:
         super().__init__()

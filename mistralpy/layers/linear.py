@@ -34,6 +34,8 @@ def _param(*shape: int, loader=default_weight_loader) -> nn.Parameter:
 class Linear(nn.Module):
     """y = x W^T + b with W [out, in] as stored by HF."""
 
+    prepackable = True  # the weight may be swapped for a oneDNN-packed one after loading
+
     def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.in_features = in_features

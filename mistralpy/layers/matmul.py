@@ -1,25 +1,71 @@
-"""The dense matmul every linear layer and the LM head go through.
+"""The dense matmul every linear layer and the LM head go through, and CPU weight prepacking.
 
-Weights keep HF's [out, in] layout and are applied as ``(W @ x^T)^T`` rather than ``x @ W^T``
-(F.linear). On CPUs with MKL this ordering is markedly faster for the small row counts of
-decoding: measured on this project's 2-core CI machine with 30 SmolLM2-135M layers streamed from
-memory (f32), 16 GB/s at 2 rows against 7 with F.linear, 14 against 7 at 4 rows, 7.3 against 6.4
-at 16; whole decode steps 20% (batch 1) to 25% (batch 16) faster. A single row is duplicated to
-two because MKL's one-row path is the slow one. The result is a transposed view; making it
-contiguous costs more than it saves downstream.
+On CPU, weights are *prepacked* once after loading into oneDNN's blocked layout
+(``prepack_linear_weights``) and applied with oneDNN's linear primitive. A plain-layout weight is
+reordered by oneDNN on every call, which for the one-row products of decoding costs more than
+the product itself: measured on a Zen 4 (avx512_bf16, 2 threads), a 3072x576 bf16 projection
+takes 51 us prepacked against 137 us with F.linear, the 49152x576 LM head 2.2 ms against 4.5 ms,
+and a float32 one 72 us against 148 us; prefill-sized products gain 5-30%. bf16 results are
+bit-identical to F.linear; float32 ones differ in summation order (~1e-6 relative).
+
+Without oneDNN (or on other devices) weights keep HF's [out, in] layout; on CPU float32 they are
+then applied as ``(W @ x^T)^T``, which MKL runs markedly faster than F.linear at decode row
+counts on the Zen 3 machine this was measured on (16 GB/s against 7 at 2 rows); a single row is
+duplicated to two because MKL's one-row path is the slow one.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+_PREPACK_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, in] @ weight[out, in]^T (+ bias) -> [M, out]."""
-    if x.device.type != "cpu" or x.dim() != 2:
+    """x [..., in] @ weight[out, in]^T (+ bias) -> [..., out]. ``weight`` may be prepacked."""
+    if weight.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    if x.device.type != "cpu" or x.dim() != 2 or weight.dtype != torch.float32:
         return F.linear(x, weight, bias)
     if x.shape[0] == 1:
         y = (weight @ x.repeat(2, 1).t())[:, :1].t()
     else:
         y = (weight @ x.t()).t()
     return y + bias if bias is not None else y
+
+
+def can_prepack(weight: torch.Tensor) -> bool:
+    return (weight.device.type == "cpu" and weight.dtype in _PREPACK_DTYPES and weight.dim() == 2
+            and not weight.is_mkldnn and torch.backends.mkldnn.is_available())
+
+
+def prepack(weight: torch.Tensor) -> torch.Tensor:
+    """[out, in] strided weight -> the same weight in oneDNN's blocked layout (tuned for 1-row inputs)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+
+
+def prepack_linear_weights(model: nn.Module) -> int:
+    """Replace the ``weight`` of every module marked ``prepackable`` by its prepacked form, in place.
+
+    A weight shared with another module (a tied LM head) gets its own packed copy; the original
+    stays for the embedding lookup. Returns the number of weights packed.
+    """
+    count = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not getattr(module, "prepackable", False) or not isinstance(weight, torch.Tensor) or not can_prepack(weight):
+            continue
+        try:
+            packed = prepack(weight)
+        except RuntimeError as exc:  # an odd shape or a oneDNN build without the reorder: stay plain
+            log.debug("prepack of %s failed: %s", type(module).__name__, exc)
+            continue
+        del module.weight
+        module.register_buffer("weight", packed, persistent=False)
+        count += 1
+    return count

@@ -9,6 +9,7 @@ import torch
 
 from mistralpy.attention.backend import AttentionBackend
 from mistralpy.config import ModelConfig
+from mistralpy.layers.matmul import prepack_linear_weights
 from mistralpy.loading.safetensors_reader import iter_safetensors, safetensors_files
 from mistralpy.models.base import CausalLM
 from mistralpy.models.registry import get_model_class
@@ -37,6 +38,9 @@ def load_model(model_config: ModelConfig, device: torch.device, backend: Attenti
     model.load_weights(iter_safetensors(files))
     model.eval()
     n_params = sum(p.numel() for p in model.parameters())
+    if device.type == "cpu":
+        packed = prepack_linear_weights(model)
+        log.debug("prepacked %d linear weights for oneDNN", packed)
     log.info("loaded %s (%.1fM params, %s) on %s in %.1fs", model_config.architecture, n_params / 1e6,
              model_config.dtype, device, time.perf_counter() - start)
     return model
