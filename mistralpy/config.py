@@ -78,6 +78,7 @@ class ModelConfig:
     dtype: torch.dtype
     max_model_len: int
     generation_config: dict[str, Any] = field(default_factory=dict)
+    gguf_files: list[Path] | None = None  # weights come from these GGUF parts instead of safetensors
 
     @property
     def text_config(self) -> dict[str, Any]:

@@ -12,7 +12,8 @@ from mistralpy.config import (CacheConfig, EngineConfig, ModelConfig, SchedulerC
                               read_json, resolve_device, resolve_dtype)
 from mistralpy.engine.core import EngineCore
 from mistralpy.errors import InvalidRequestError, ModelLoadError
-from mistralpy.loading.hub import METADATA_ALLOW_PATTERNS, resolve_model_dir
+from mistralpy.loading.gguf_loader import hf_config_from_gguf, metadata, open_readers, split_files
+from mistralpy.loading.hub import METADATA_ALLOW_PATTERNS, resolve_file, resolve_model_dir
 from mistralpy.loading.safetensors_reader import checkpoint_dtype
 from mistralpy.models.registry import resolve_architecture
 from mistralpy.tokenizer.tokenizer import Tokenizer
@@ -42,6 +43,7 @@ class EngineOptions:
     chat_template: str | None = None
     arch: str | None = None
     seed: int | None = None
+    gguf_file: str | None = None  # a .gguf file inside `model` (a hub repo or folder), like `-f`
 
     def validate(self) -> None:
         for name in ("max_seqs", "max_num_batched_tokens", "block_size"):
@@ -57,8 +59,54 @@ def generation_defaults(gen_cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: gen_cfg[k] for k in SAMPLING_DEFAULT_KEYS if gen_cfg.get(k) is not None}
 
 
+def resolve_gguf(model: str, opts: EngineOptions) -> Path | None:
+    """The GGUF file to load: `model` itself when it is a .gguf file, or `gguf_file` inside it."""
+    if opts.gguf_file:
+        return resolve_file(model, opts.gguf_file, revision=opts.revision, token_source=opts.token_source)
+    if model.endswith(".gguf"):
+        path = Path(model).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {model!r} not found")
+        return path
+    return None
+
+
+def build_gguf_model_config(path: Path, opts: EngineOptions) -> tuple[ModelConfig, Tokenizer]:
+    files = split_files(path)
+    readers = open_readers(files)
+    meta = metadata(readers[0])
+    names = {t.name for r in readers for t in r.tensors}
+    hf_config = hf_config_from_gguf(meta, names)
+    arch = resolve_architecture(hf_config, opts.arch)
+    device = resolve_device(opts.device)
+    # Block-quantized weights have no float dtype of their own: compute in bf16 where it is native.
+    dtype = resolve_dtype(opts.dtype, device, "bfloat16")
+    model_config = ModelConfig(path=path, hf_config=hf_config, architecture=arch, dtype=dtype,
+                               max_model_len=derive_max_model_len(hf_config, opts.max_model_len),
+                               gguf_files=files)
+    if opts.tokenizer:
+        tokenizer = _tokenizer_from_option(opts)
+    else:
+        from mistralpy.tokenizer.gguf_tokenizer import tokenizer_from_gguf
+
+        tokenizer = tokenizer_from_gguf(readers[0], chat_template_override=opts.chat_template)
+    return model_config, tokenizer
+
+
+def _tokenizer_from_option(opts: EngineOptions) -> Tokenizer:
+    tok_dir = opts.tokenizer
+    if not Path(tok_dir).exists():
+        tok_dir = str(resolve_model_dir(tok_dir, revision=opts.revision, token_source=opts.token_source,
+                                        allow_patterns=METADATA_ALLOW_PATTERNS))
+    return Tokenizer.from_dir(tok_dir, chat_template_override=opts.chat_template)
+
+
 def build_core(model: str, opts: EngineOptions) -> tuple[EngineCore, Tokenizer, ModelConfig]:
     opts.validate()
+    gguf_path = resolve_gguf(model, opts)
+    if gguf_path is not None:
+        model_config, tokenizer = build_gguf_model_config(gguf_path, opts)
+        return EngineCore(_engine_config(model_config, opts), tokenizer), tokenizer, model_config
     model_dir = resolve_model_dir(model, revision=opts.revision, token_source=opts.token_source)
     hf_config = read_json(Path(model_dir) / "config.json")
     if not hf_config:
@@ -71,17 +119,19 @@ def build_core(model: str, opts: EngineOptions) -> tuple[EngineCore, Tokenizer, 
     model_config = ModelConfig(path=Path(model_dir), hf_config=hf_config, architecture=arch, dtype=dtype,
                                max_model_len=derive_max_model_len(text_cfg, opts.max_model_len),
                                generation_config=gen_cfg)
-    tok_dir = opts.tokenizer or str(model_dir)
-    if opts.tokenizer and not Path(opts.tokenizer).exists():
-        tok_dir = str(resolve_model_dir(opts.tokenizer, revision=opts.revision, token_source=opts.token_source,
-                                        allow_patterns=METADATA_ALLOW_PATTERNS))
-    tokenizer = Tokenizer.from_dir(tok_dir, chat_template_override=opts.chat_template)
-    config = EngineConfig(
+    if opts.tokenizer:
+        tokenizer = _tokenizer_from_option(opts)
+    else:
+        tokenizer = Tokenizer.from_dir(model_dir, chat_template_override=opts.chat_template)
+    return EngineCore(_engine_config(model_config, opts), tokenizer), tokenizer, model_config
+
+
+def _engine_config(model_config: ModelConfig, opts: EngineOptions) -> EngineConfig:
+    return EngineConfig(
         model=model_config,
         cache=CacheConfig(block_size=opts.block_size, num_blocks=opts.num_kv_blocks,
                           kv_cache_memory_gb=opts.kv_cache_memory_gb,
                           enable_prefix_caching=opts.enable_prefix_caching),
         scheduler=SchedulerConfig(max_seqs=opts.max_seqs, max_num_batched_tokens=opts.max_num_batched_tokens,
                                   enable_chunked_prefill=opts.enable_chunked_prefill),
-        device=device, seed=opts.seed)
-    return EngineCore(config, tokenizer), tokenizer, model_config
+        device=resolve_device(opts.device), seed=opts.seed)

@@ -10,6 +10,7 @@ import torch
 from mistralpy.attention.backend import AttentionBackend
 from mistralpy.config import ModelConfig
 from mistralpy.layers.matmul import prepack_linear_weights
+from mistralpy.loading.gguf_loader import gguf_architecture, iter_gguf_tensors, metadata, open_readers
 from mistralpy.loading.safetensors_reader import iter_safetensors, safetensors_files
 from mistralpy.models.base import CausalLM
 from mistralpy.models.registry import get_model_class
@@ -34,8 +35,13 @@ def load_model(model_config: ModelConfig, device: torch.device, backend: Attenti
             model: CausalLM = cls(cfg, backend)
     finally:
         torch.set_default_dtype(previous)
-    files = safetensors_files(Path(model_config.path))
-    model.load_weights(iter_safetensors(files))
+    if model_config.gguf_files:
+        readers = open_readers(model_config.gguf_files)
+        _, arch = gguf_architecture(metadata(readers[0]))
+        model.load_weights(iter_gguf_tensors(readers, model_config.text_config, arch.permute_qk))
+    else:
+        files = safetensors_files(Path(model_config.path))
+        model.load_weights(iter_safetensors(files))
     model.eval()
     n_params = sum(p.numel() for p in model.parameters())
     if device.type == "cpu":

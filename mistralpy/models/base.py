@@ -58,6 +58,10 @@ class CausalLM(nn.Module):
                 raise ModelLoadError(f"{raw_name}: {exc}") from None
             loaded.add(name if shard is None else f"{name}#{shard}")
         self._check_all_loaded(params, loaded)
+        for module in self.modules():  # layers that assemble state across tensors (quantized kernels)
+            finish = getattr(module, "finish_loading", None)
+            if finish is not None:
+                finish()
 
     def _param(self, params: dict[str, nn.Parameter], name: str, raw_name: str) -> nn.Parameter:
         try:

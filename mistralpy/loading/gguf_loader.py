@@ -1,0 +1,222 @@
+"""GGUF model files: hyper-parameters -> an HF-style config, tensors -> HF names and GGUFTensors.
+
+One table (`GGUF_ARCHITECTURES`) maps llama.cpp's architecture names to our model classes; the
+per-layer tensor names are mapped once (`_LAYER_NAMES`). Quantized tensors stay in their block
+format (`GGUFTensor`); the layers decide how to use them (see layers/linear.py).
+
+llama.cpp's converter permutes the rows of q and k of `llama`-arch models so that rope rotates
+adjacent pairs; we undo it on load (rows are whole blocks, so this works on quantized bytes too).
+"""
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf import GGUFReader
+
+from mistralpy.errors import ModelLoadError
+from mistralpy.quant.gguf_dequant import SUPPORTED_TYPES
+from mistralpy.quant.gguf_tensor import GGUFTensor
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class GGUFArch:
+    hf_architecture: str
+    permute_qk: bool  # rows of q/k were permuted by llama.cpp's converter
+
+
+# llama.cpp `general.architecture` -> our model. Grows with the model families.
+GGUF_ARCHITECTURES: dict[str, GGUFArch] = {
+    "llama": GGUFArch("LlamaForCausalLM", permute_qk=True),
+    "mistral": GGUFArch("MistralForCausalLM", permute_qk=True),
+    "qwen2": GGUFArch("Qwen2ForCausalLM", permute_qk=False),
+    "qwen3": GGUFArch("Qwen3ForCausalLM", permute_qk=False),
+}
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.([a-z_0-9]+)\.(weight|bias)$")
+# Tensors llama.cpp writes that carry nothing our models need.
+_SKIPPED = {"rope_freqs.weight"}
+_SPLIT_RE = re.compile(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$")
+
+
+def split_files(path: Path) -> list[Path]:
+    """All parts of a split GGUF (`name-00001-of-00003.gguf`), else just `path`."""
+    m = _SPLIT_RE.match(path.name)
+    if not m:
+        return [path]
+    stem, total = m.group(1), int(m.group(3))
+    parts = [path.with_name(f"{stem}-{i:05d}-of-{total:05d}.gguf") for i in range(1, total + 1)]
+    missing = [p.name for p in parts if not p.is_file()]
+    if missing:
+        raise ModelLoadError(f"split GGUF {path.name} is missing parts: {missing}")
+    return parts
+
+
+def open_readers(files: list[Path]) -> list[GGUFReader]:
+    readers = []
+    for f in files:
+        try:
+            readers.append(GGUFReader(str(f)))
+        except Exception as exc:  # noqa: BLE001 - gguf raises plain ValueError/struct errors on bad files
+            raise ModelLoadError(f"cannot read GGUF file {f}: {exc}") from exc
+    return readers
+
+
+def metadata(reader: GGUFReader) -> dict[str, Any]:
+    """Every key-value field of the file as Python values (token arrays included)."""
+    out: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        try:
+            out[key] = field.contents()
+        except Exception:  # noqa: BLE001 - an exotic field type must not stop loading
+            log.debug("unreadable GGUF field %s", key)
+    return out
+
+
+def gguf_architecture(meta: dict[str, Any]) -> tuple[str, GGUFArch]:
+    arch = meta.get("general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise ModelLoadError(f"GGUF architecture {arch!r} is not supported; supported: "
+                             f"{', '.join(sorted(GGUF_ARCHITECTURES))}")
+    return arch, GGUF_ARCHITECTURES[arch]
+
+
+def hf_config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]:
+    """An HF config.json-style dict from GGUF hyper-parameters (what our models read)."""
+    arch, info = gguf_architecture(meta)
+
+    def get(key: str, default: Any = None) -> Any:
+        return meta.get(f"{arch}.{key}", default)
+
+    def need(key: str) -> Any:
+        value = get(key)
+        if value is None:
+            raise ModelLoadError(f"GGUF file lacks {arch}.{key}")
+        return value
+
+    hidden = int(need("embedding_length"))
+    heads = int(need("attention.head_count"))
+    vocab = get("vocab_size") or len(meta.get("tokenizer.ggml.tokens") or []) or None
+    if vocab is None:
+        raise ModelLoadError("GGUF file gives no vocabulary size")
+    cfg: dict[str, Any] = {
+        "architectures": [info.hf_architecture],
+        "model_type": arch,
+        "vocab_size": int(vocab),
+        "hidden_size": hidden,
+        "intermediate_size": int(need("feed_forward_length")),
+        "num_hidden_layers": int(need("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
+        "head_dim": int(get("attention.key_length", hidden // heads)),
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(get("context_length", 4096)),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "hidden_act": "silu",
+    }
+    window = get("attention.sliding_window")
+    if window:
+        cfg["sliding_window"] = int(window)
+    scaling = _rope_scaling(get)
+    if scaling is not None:
+        cfg["rope_scaling"] = scaling
+    if "rope_freqs.weight" in tensor_names:
+        log.warning("this GGUF carries rope frequency factors (Llama 3.1-style rope scaling) that are not "
+                    "applied yet: outputs drift from llama.cpp's")
+    return cfg
+
+
+def _rope_scaling(get) -> dict[str, Any] | None:
+    kind = get("rope.scaling.type")
+    factor = get("rope.scaling.factor")
+    if kind in (None, "none") or not factor or float(factor) == 1.0:
+        return None
+    if kind not in ("linear", "yarn"):
+        raise ModelLoadError(f"GGUF rope scaling type {kind!r} is not supported (linear, yarn)")
+    out: dict[str, Any] = {"rope_type": kind, "factor": float(factor)}
+    if kind == "yarn":
+        orig = get("rope.scaling.original_context_length")
+        if orig:
+            out["original_max_position_embeddings"] = int(orig)
+        for gguf_key, hf_key in (("rope.scaling.yarn_beta_fast", "beta_fast"),
+                                 ("rope.scaling.yarn_beta_slow", "beta_slow")):
+            if get(gguf_key) is not None:
+                out[hf_key] = float(get(gguf_key))
+    return out
+
+
+def hf_tensor_name(name: str) -> str | None:
+    """GGUF tensor name -> our (HF) parameter name; None for tensors we skip. Unknown names raise."""
+    if name in _SKIPPED:
+        return None
+    if name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[name]
+    m = _LAYER_RE.match(name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    raise ModelLoadError(f"GGUF tensor {name!r} has no place in this model")
+
+
+def _unpermute_rows(rows: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row permutation (per head: interleaved pairs -> rotate-half halves)."""
+    n = rows.shape[0]
+    rest = rows.shape[1:]
+    return rows.reshape(n_head, n // n_head // 2, 2, *rest).transpose(1, 2).reshape(n, *rest).contiguous()
+
+
+def _as_tensor(arr: np.ndarray) -> torch.Tensor:
+    # The reader memory-maps the file read-only; a copy makes a normal tensor (one tensor at a time).
+    return torch.from_numpy(np.array(arr, copy=True))
+
+
+def iter_gguf_tensors(readers: list[GGUFReader], hf_config: dict[str, Any],
+                      permute_qk: bool) -> Iterator[tuple[str, GGUFTensor]]:
+    """Yield (our parameter name, GGUFTensor) for every tensor of the (split) file."""
+    heads = hf_config["num_attention_heads"]
+    kv_heads = hf_config["num_key_value_heads"]
+    for reader in readers:
+        for t in reader.tensors:
+            name = hf_tensor_name(t.name)
+            if name is None:
+                continue
+            qtype = Q(t.tensor_type)
+            if qtype not in SUPPORTED_TYPES:
+                raise ModelLoadError(f"GGUF tensor {t.name} has type {qtype.name}, which is not supported")
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists the fastest dim first
+            data = _as_tensor(t.data)
+            raw = data.view(torch.uint8).reshape(shape[0], -1) if len(shape) > 1 else data.view(torch.uint8)
+            if permute_qk and (name.endswith("q_proj.weight") or name.endswith("q_proj.bias")):
+                raw = _unpermute_rows(raw.reshape(shape[0], -1), heads).reshape(raw.shape)
+            elif permute_qk and (name.endswith("k_proj.weight") or name.endswith("k_proj.bias")):
+                raw = _unpermute_rows(raw.reshape(shape[0], -1), kv_heads).reshape(raw.shape)
+            yield name, GGUFTensor(raw, qtype, shape)
