@@ -64,3 +64,24 @@ def load_hf(path: Path):
 
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return model.eval()
+
+
+def all_logits(engine, ids: list[int]) -> torch.Tensor:
+    """Logits of every prompt position through our paged path (one prefill, every row sampled)."""
+    from mistralpy import SamplingParams
+    from mistralpy.core.request import Request
+    from mistralpy.core.scheduler import ScheduledSeq, SchedulerOutput
+
+    runner = engine.core.runner
+    req = Request("parity", ids, SamplingParams().resolved(), 512)
+    pool = engine.core.kv.pool  # the engine is idle: borrow blocks properly so no cached block is clobbered
+    req.block_ids = pool.allocate(-(-len(ids) // runner.block_size))
+    try:
+        batch = runner.build_batch(SchedulerOutput([ScheduledSeq(req, len(ids), True)]))
+        batch.logits_indices = torch.arange(len(ids))
+        with torch.inference_mode():
+            hidden = runner.model(batch.input_ids, batch.positions, runner.kv_caches,
+                                  runner.backend.build_metadata(batch))
+            return runner.model.compute_logits(hidden)
+    finally:
+        pool.free(req.block_ids)

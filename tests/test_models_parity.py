@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fixtures_models import VARIANTS, build_checkpoint, load_hf
+from fixtures_models import VARIANTS, all_logits as _all_logits, build_checkpoint, load_hf
 from mistralpy import Engine, SamplingParams
 
 PROMPT_LEN = 40  # longer than mistral_swa's window of 8, shorter than every rope's original context
@@ -41,23 +41,3 @@ def test_greedy_32_tokens_match_transformers(variant):
                           eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
     assert out.token_ids == ref, name
     assert out.finish_reason == "length"
-
-
-def _all_logits(engine: Engine, ids: list[int]) -> torch.Tensor:
-    """Logits of every prompt position through our paged path (one prefill, every row sampled)."""
-    from mistralpy.core.request import Request
-    from mistralpy.core.scheduler import ScheduledSeq, SchedulerOutput
-
-    runner = engine.core.runner
-    req = Request("parity", ids, SamplingParams().resolved(), 512)
-    pool = engine.core.kv.pool  # the engine is idle: borrow blocks properly so no cached block is clobbered
-    req.block_ids = pool.allocate(-(-len(ids) // runner.block_size))
-    try:
-        batch = runner.build_batch(SchedulerOutput([ScheduledSeq(req, len(ids), True)]))
-        batch.logits_indices = torch.arange(len(ids))
-        with torch.inference_mode():
-            hidden = runner.model(batch.input_ids, batch.positions, runner.kv_caches,
-                                  runner.backend.build_metadata(batch))
-            return runner.model.compute_logits(hidden)
-    finally:
-        pool.free(req.block_ids)

@@ -11,7 +11,9 @@ from mistralpy.errors import MistralPyError
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("-m", "--model", required=True, help="hub model id or local folder (config.json + safetensors)")
+    g.add_argument("-m", "--model", required=True,
+                   help="hub model id, local folder (config.json + safetensors) or a .gguf file")
+    g.add_argument("-f", "--gguf-file", help="GGUF file inside the -m hub repo or folder (e.g. model.Q4_K_M.gguf)")
     g.add_argument("--revision", help="hub revision (branch, tag or commit)")
     g.add_argument("--token-source", default="cache",
                    help="hub token: cache | env:VAR | literal:TOKEN | path:FILE | none (default: cache)")
@@ -55,7 +57,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 block_size=args.block_size, enable_prefix_caching=not args.no_prefix_caching,
                 enable_chunked_prefill=not args.no_chunked_prefill, revision=args.revision,
                 token_source=args.token_source, tokenizer=args.tokenizer, chat_template=args.chat_template,
-                arch=args.arch, seed=args.seed)
+                arch=args.arch, seed=args.seed, gguf_file=args.gguf_file)
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
