@@ -1,0 +1,229 @@
+"""Matmul kernels over GGUF weights that stay quantized in memory.
+
+``make_gguf_kernel(raw, qtype, out, in, dtype=, device=)`` turns the raw block rows of a GGUF (or
+ISQ) tensor into a callable ``x [M, in] -> [M, out]``. Paths:
+
+- **CPU, bfloat16, every quantized type**: the blocks are re-encoded *exactly* as 4-bit planes with
+  group-32 scales and zeros (``gguf_kernels_encode``) and run by torch's int4 CPU kernel
+  ``aten._weight_int4pack_mm_for_cpu``: ``(q - 8) * scale + zero``, verified by experiment. That op
+  takes bf16 scales with bf16 activations, so the f32 scales are rounded to bf16 (relative error
+  <= 2^-9 per group, the same size as the rounding of the bf16 output itself). Bytes held and read
+  per weight: 0.5 + 0.125 (scales) for Q4_0/Q4_1/Q4_K; 1 + 0.25 for Q5_*, Q8_0, IQ4_*, Q6_K,
+  Q2_K, Q3_K (two planes or padded 16-value sub-blocks). For prefill-sized inputs (M >= 48, see
+  ``_DENSE_MIN_ROWS``) the planes are expanded to bf16 in chunks of rows and multiplied by oneDNN,
+  which beats the int4 kernel's ~170 GFLOP/s there.
+- **CPU, float32**: the int4 op's float32 kernel is ~20x slower than its bf16 one, so the planes are
+  expanded to float32 in chunks of rows (bounded temporaries) and multiplied with F.linear: exact.
+- **Other devices, or a shape the int4 op cannot take**: the raw blocks are kept and dequantized in
+  chunks of rows by the reference ``gguf_dequant.dequantize``, then F.linear in ``dtype``.
+- **F32 / F16 / BF16 stored weights**: held in the compute dtype (oneDNN-prepacked on CPU).
+
+Tolerances against ``dequantize`` + float32 matmul (tests/test_gguf_kernels.py), relative to the
+largest |output|: float32 1e-5; bfloat16 1e-2 (activations, scales and output in bf16).
+
+Measured on the 2-core Zen 4 (benchmarks/bench_gguf_kernels.py, bf16, M = 1): SmolLM2-135M shapes
+with Q4_1 layers and a Q8_0 head take ~TBD ms per token for all matmuls.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import gguf
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as Q
+
+from mistralpy.layers.matmul import can_prepack, linear, prepack
+from mistralpy.quant.gguf_dequant import BLOCK_SIZES, dequantize
+from mistralpy.quant.gguf_kernels_encode import GROUP, PLANE_TYPES, encode_planes
+
+__all__ = ["GGUFKernel", "make_gguf_kernel", "dequantize_kernel_weight"]
+
+log = logging.getLogger(__name__)
+
+_FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
+_PACK_ROWS = 64          # the CPU int4 layout packs rows in blocks of 64
+_ENCODE_ROWS = 4096      # rows re-encoded at once: bounds the int32 temporaries of the packing op
+_CHUNK_ELEMS = 1 << 22   # weights expanded to float at once in the chunked paths (16 MB in f32)
+_DENSE_MIN_ROWS = 48     # from this many input rows the bf16 path expands chunks and uses oneDNN
+
+
+class GGUFKernel(Protocol):
+    qtype: gguf.GGMLQuantizationType
+    out_features: int
+    in_features: int
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def nbytes(self) -> int: ...
+
+
+def _tensor_bytes(*ts: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+
+def _chunk_rows(k: int, align: int = 1) -> int:
+    rows = max(align, _CHUNK_ELEMS // max(k, 1))
+    return rows - rows % align
+
+
+class Int4PlaneKernel:
+    """CPU: exact int4 planes run by aten._weight_int4pack_mm_for_cpu (bf16) or expanded (f32)."""
+
+    def __init__(self, raw: torch.Tensor, qtype: Q, out_features: int, in_features: int, dtype: torch.dtype):
+        self.qtype, self.out_features, self.in_features, self.dtype = qtype, out_features, in_features, dtype
+        self.padded = -(-out_features // _PACK_ROWS) * _PACK_ROWS
+        packs, szs = [], []
+        for start in range(0, out_features, _ENCODE_ROWS):
+            planes = encode_planes(raw[start:start + _ENCODE_ROWS], qtype, in_features)
+            nib, sz = planes.nib, torch.stack((planes.scale, planes.zero), dim=-1)
+            short = (-nib.shape[0]) % _PACK_ROWS  # only the last chunk can be short
+            if short:
+                nib = F.pad(nib, (0, 0, 0, short), value=8)
+                sz = F.pad(sz, (0, 0, 0, 0, 0, short))
+            packs.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(nib.to(torch.int32), 2))
+            szs.append(sz.to(dtype))
+            idx, mult = planes.idx, planes.mult
+        self.packed = torch.cat(packs)                                   # uint8 [N', K'/2]
+        self.sz = torch.cat(szs).transpose(0, 1).contiguous()            # [K'/32, N', 2]
+        self.idx = idx
+        self.mult = mult.to(dtype) if mult is not None else None
+        self.k_ext = self.packed.shape[1] * 2
+
+    def nbytes(self) -> int:
+        return _tensor_bytes(self.packed, self.sz, self.idx, self.mult)
+
+    def _extend(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] -> x' [M, K'] read by the planes."""
+        if self.idx is None:
+            return x
+        xe = F.pad(x, (0, 1)).index_select(1, self.idx)
+        return xe * self.mult if self.mult is not None else xe
+
+    def expand(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) (multiples of 64) of W' [N', K'] in the kernel's dtype."""
+        b = self.packed[start:stop].reshape(-1, self.k_ext, _PACK_ROWS // 2)   # [rows/64, K', 32 bytes]
+        q = torch.cat((b & 0x0F, b >> 4), dim=2).transpose(1, 2).reshape(stop - start, self.k_ext)
+        sz = self.sz[:, start:stop]                                          # [K'/32, rows, 2]
+        w = (q.to(self.dtype) - 8).reshape(stop - start, -1, GROUP)
+        w = w * sz[..., 0].t().unsqueeze(-1) + sz[..., 1].t().unsqueeze(-1)
+        return w.reshape(stop - start, self.k_ext)
+
+    def _expanded_matmul(self, xe: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(xe.shape[0], self.padded, dtype=xe.dtype)
+        step = _chunk_rows(self.k_ext, _PACK_ROWS)
+        for start in range(0, self.padded, step):
+            stop = min(start + step, self.padded)
+            w = self.expand(start, stop)
+            if self.dtype == torch.bfloat16 and xe.shape[0] >= _DENSE_MIN_ROWS and can_prepack(w):
+                out[:, start:stop] = linear(xe, prepack(w))
+            else:
+                out[:, start:stop] = F.linear(xe, w)
+        return out
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        xe = self._extend(x.reshape(-1, self.in_features))
+        if self.dtype == torch.bfloat16 and xe.shape[0] < _DENSE_MIN_ROWS:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xe, self.packed, GROUP, self.sz)
+        else:
+            y = self._expanded_matmul(xe)
+        if self.padded != self.out_features:
+            y = y[:, :self.out_features]
+        return y.reshape(*lead, self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        """W [N, K] in float32 (the planes folded back through idx and mult)."""
+        w = torch.cat([self.expand(s, min(s + 4096, self.padded)) for s in range(0, self.padded, 4096)])
+        w = w[:self.out_features].float()
+        if self.idx is None:
+            return w
+        if self.mult is not None:
+            w = w * self.mult.float()
+        full = torch.zeros(self.out_features, self.in_features + 1)
+        return full.index_add_(1, self.idx, w)[:, :self.in_features]
+
+
+class RawDequantKernel:
+    """Any device: raw blocks kept, dequantized in chunks of rows, then F.linear in `dtype`."""
+
+    def __init__(self, raw: torch.Tensor, qtype: Q, out_features: int, in_features: int, dtype: torch.dtype):
+        self.qtype, self.out_features, self.in_features, self.dtype = qtype, out_features, in_features, dtype
+        self.raw = raw.contiguous()
+
+    def nbytes(self) -> int:
+        return _tensor_bytes(self.raw)
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        return dequantize(self.raw[start:stop], self.qtype, (stop - start, self.in_features))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        out = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype, device=x.device)
+        step = _chunk_rows(self.in_features)
+        for start in range(0, self.out_features, step):
+            stop = min(start + step, self.out_features)
+            out[:, start:stop] = F.linear(x2, self.rows(start, stop).to(x.dtype))
+        return out.reshape(*lead, self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        return dequantize(self.raw, self.qtype, (self.out_features, self.in_features))
+
+
+class FloatKernel:
+    """F32/F16/BF16 stored weights: held in the compute dtype, oneDNN-prepacked where possible."""
+
+    def __init__(self, raw: torch.Tensor, qtype: Q, out_features: int, in_features: int, dtype: torch.dtype,
+                 device: torch.device):
+        self.qtype, self.out_features, self.in_features, self.dtype = qtype, out_features, in_features, dtype
+        w = dequantize(raw.to(device), qtype, (out_features, in_features)).to(dtype)
+        self.weight = prepack(w) if can_prepack(w) else w
+
+    def nbytes(self) -> int:
+        if self.weight.is_mkldnn:
+            return self.out_features * self.in_features * self.weight.element_size()
+        return _tensor_bytes(self.weight)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = linear(x.reshape(-1, self.in_features), self.weight)
+        return y.reshape(*lead, self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        if self.weight.is_mkldnn:
+            eye = torch.eye(self.in_features, dtype=self.dtype)
+            return linear(eye, self.weight).t().float()
+        return self.weight.float()
+
+
+def _int4_ok(qtype: Q, in_features: int, dtype: torch.dtype, device: torch.device) -> bool:
+    return (device.type == "cpu" and qtype in PLANE_TYPES and dtype in (torch.bfloat16, torch.float32)
+            and in_features % GROUP == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
+
+
+def make_gguf_kernel(raw: torch.Tensor, qtype: Q, out_features: int, in_features: int, *,
+                     dtype: torch.dtype, device: torch.device) -> GGUFKernel:
+    """A matmul over raw GGUF rows: raw uint8 [out_features, row_bytes] -> kernel(x [M, in]) -> [M, out]."""
+    qtype, device = Q(qtype), torch.device(device)
+    if qtype not in BLOCK_SIZES:
+        raise NotImplementedError(f"GGUF type {qtype.name} has no matmul kernel")
+    bs, ts = BLOCK_SIZES[qtype]
+    if in_features % bs or raw.dtype != torch.uint8 or raw.numel() != out_features * in_features // bs * ts:
+        raise ValueError(f"{qtype.name} weight [{out_features}, {in_features}] does not match raw "
+                         f"{raw.dtype} {tuple(raw.shape)}")
+    raw = raw.reshape(out_features, -1)
+    if qtype in _FLOAT_TYPES:
+        return FloatKernel(raw, qtype, out_features, in_features, dtype, device)
+    if _int4_ok(qtype, in_features, dtype, device):
+        try:
+            return Int4PlaneKernel(raw.cpu(), qtype, out_features, in_features, dtype)
+        except RuntimeError as exc:  # a torch build whose int4 op rejects the shape: stay generic
+            log.warning("int4 kernel unavailable for %s [%d, %d]: %s", qtype.name, out_features, in_features, exc)
+    return RawDequantKernel(raw.to(device), qtype, out_features, in_features, dtype)
+
+
+def dequantize_kernel_weight(k: GGUFKernel) -> torch.Tensor:
+    """The float32 weight [out, in] a kernel multiplies by (after its own roundings), for tests/debug."""
+    return k.dequantized()  # type: ignore[attr-defined]
