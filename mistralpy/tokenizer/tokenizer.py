@@ -276,6 +276,17 @@ class Tokenizer:
                    add_bos_token=add_bos_token, add_eos_token=add_eos_token,
                    extra_eos_token_ids=extra_eos_token_ids)
 
+    @classmethod
+    def from_gguf(cls, source: Any, *, chat_template_override: str | Path | None = None) -> Tokenizer:
+        """The tokenizer in a GGUF file's metadata; `source` is a path or a `gguf.GGUFReader`."""
+        from mistralpy.tokenizer.gguf_tokenizer import tokenizer_from_gguf
+
+        if isinstance(source, (str, Path)):
+            import gguf
+
+            source = gguf.GGUFReader(str(source))
+        return tokenizer_from_gguf(source, chat_template_override=chat_template_override)
+
     def _id_or_none(self, token: str | None) -> int | None:
         return None if token is None else self._backend.token_to_id(token)
 
