@@ -24,7 +24,6 @@ points. Vocabulary types "t5" (Unigram), "bert" (WordPiece), "rwkv" and others a
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,7 +46,6 @@ __all__ = ["tokenizer_from_gguf", "pretokenizer_regexes"]
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 _SPACE = "\u2581"  # SentencePiece's visible space
-_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 # ------------------------------------------------------------------------------ pre-tokenizers
 # Regexes of llama.cpp's llm_tokenizer_bpe. Where llama.cpp rewrote a tokenizer.json regex for its
