@@ -108,6 +108,9 @@ def test_leading_dims_and_errors():
     raw = torch.from_numpy(_random_raw(Q.Q4_0, 64, 64, rng).copy())
     kern = make_gguf_kernel(raw, Q.Q4_0, 64, 64, dtype=torch.bfloat16, device=CPU)
     assert tuple(kern(torch.randn(2, 3, 64).bfloat16()).shape) == (2, 3, 64)
+    assert tuple(kern(torch.randn(0, 64).bfloat16()).shape) == (0, 64)
+    x = torch.randn(64, 5).bfloat16().t()   # a strided view is fine
+    assert torch.equal(kern(x), kern(x.contiguous()))
     with pytest.raises(ValueError):
         make_gguf_kernel(raw, Q.Q4_0, 64, 96, dtype=torch.bfloat16, device=CPU)
     with pytest.raises(NotImplementedError):

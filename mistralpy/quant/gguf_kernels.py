@@ -1,28 +1,44 @@
 """Matmul kernels over GGUF weights that stay quantized in memory.
 
 ``make_gguf_kernel(raw, qtype, out, in, dtype=, device=)`` turns the raw block rows of a GGUF (or
-ISQ) tensor into a callable ``x [M, in] -> [M, out]``. Paths:
+ISQ) tensor into a callable ``x [M, in] -> [M, out]`` holding no float copy of the weight. Paths:
 
-- **CPU, bfloat16, every quantized type**: the blocks are re-encoded *exactly* as 4-bit planes with
-  group-32 scales and zeros (``gguf_kernels_encode``) and run by torch's int4 CPU kernel
-  ``aten._weight_int4pack_mm_for_cpu``: ``(q - 8) * scale + zero``, verified by experiment. That op
-  takes bf16 scales with bf16 activations, so the f32 scales are rounded to bf16 (relative error
-  <= 2^-9 per group, the same size as the rounding of the bf16 output itself). Bytes held and read
-  per weight: 0.5 + 0.125 (scales) for Q4_0/Q4_1/Q4_K; 1 + 0.25 for Q5_*, Q8_0, IQ4_*, Q6_K,
-  Q2_K, Q3_K (two planes or padded 16-value sub-blocks). For prefill-sized inputs (M >= 48, see
-  ``_DENSE_MIN_ROWS``) the planes are expanded to bf16 in chunks of rows and multiplied by oneDNN,
-  which beats the int4 kernel's ~170 GFLOP/s there.
-- **CPU, float32**: the int4 op's float32 kernel is ~20x slower than its bf16 one, so the planes are
-  expanded to float32 in chunks of rows (bounded temporaries) and multiplied with F.linear: exact.
-- **Other devices, or a shape the int4 op cannot take**: the raw blocks are kept and dequantized in
-  chunks of rows by the reference ``gguf_dequant.dequantize``, then F.linear in ``dtype``.
-- **F32 / F16 / BF16 stored weights**: held in the compute dtype (oneDNN-prepacked on CPU).
+- **CPU, every quantized type**: the blocks are re-encoded *exactly* as 4-bit planes with group-32
+  scales and zeros (``gguf_kernels_encode``; bytes held per weight: 0.5 + 0.125 for Q4_0/Q4_1/Q4_K,
+  1 + 0.25 for Q5_*, Q8_0, IQ4_*, Q6_K and the 16-value sub-block types Q2_K/Q3_K).
+  - bfloat16, M < ``_DENSE_MIN_ROWS`` (128): torch's int4 CPU kernel
+    ``aten._weight_int4pack_mm_for_cpu``, which computes ``(q - 8) * scale + zero`` (checked by
+    experiment; group sizes 32..256, N a multiple of 16: rows are padded to 64). It only takes bf16
+    scales with bf16 activations, so scales/zeros are rounded to bf16 (<= 2^-9 relative per group,
+    the size of the bf16 rounding of the output, and of a bf16 dense weight).
+  - bfloat16 at M >= 128, and float32 at any M: chunks of rows are expanded to float32 (in-place
+    float32 ops are ~6x faster than bf16 ones on CPU), folded back from the planes to [rows, K], cast
+    to ``dtype`` and multiplied with F.linear. float32 is exact (a few ulp from the zero = offset +
+    8 * scale step) but slow; the int4 op's float32 kernel is ~20x slower than its bf16 one, so
+    bf16 is the compute dtype to use on CPU.
+- **Other devices** (no device-specific code yet) **or a shape the int4 op rejects**: the raw
+  blocks are kept and dequantized in chunks of rows by ``gguf_dequant.dequantize`` + F.linear.
+- **F32 / F16 / BF16 stored weights**: held in the compute dtype, oneDNN-prepacked on CPU.
 
-Tolerances against ``dequantize`` + float32 matmul (tests/test_gguf_kernels.py), relative to the
-largest |output|: float32 1e-5; bfloat16 1e-2 (activations, scales and output in bf16).
+Tolerances against ``dequantize`` + float32 matmul (tests/test_gguf_kernels.py), as max |error| /
+max |reference|: float32 1e-5 (measured <= 1e-6); bfloat16 1.5e-2 (measured 1-9e-3, the same as a
+dense bf16 layer over the dequantized weight).
 
-Measured on the 2-core Zen 4 (benchmarks/bench_gguf_kernels.py, bf16, M = 1): SmolLM2-135M shapes
-with Q4_1 layers and a Q8_0 head take ~TBD ms per token for all matmuls.
+Measured (benchmarks/bench_gguf_kernels.py; Zen 4, 2 threads, bf16, ms per call; 1536x576 weights,
+1536x512 for 256-blocks). The int4 op is compute-bound near 30 G weights/s at M = 1, so 4-bit
+types read ~15 GB/s and the two-plane ones take twice as long:
+
+| type | M=1 | M=16 | M=256 |
+|---|---|---|---|
+| Q4_0, Q4_1 | 0.035 | 0.18 | 2.0 |
+| Q4_K | 0.032 | 0.16 | 1.5 |
+| Q8_0 (2 planes) | 0.071 | 0.41 | 3.0 |
+| Q6_K (2 planes) | 0.068 | 0.37 | 2.9 |
+| BF16 dense (oneDNN) | 0.038 | 0.095 | 1.05 |
+
+One SmolLM2-135M decode token (M = 1, 30 layers Q4_1 + Q8_0 49152x576 head): 6.1 ms with fused
+qkv / gate-up (7.0 ms separate) and 102 MB held, against 5.5 ms (7.3 ms) and 269 MB for
+oneDNN-prepacked bf16: the same speed in 2.6x less memory.
 """
 from __future__ import annotations
 
@@ -46,7 +62,7 @@ _FLOAT_TYPES = (Q.F32, Q.F16, Q.BF16)
 _PACK_ROWS = 64          # the CPU int4 layout packs rows in blocks of 64
 _ENCODE_ROWS = 4096      # rows re-encoded at once: bounds the int32 temporaries of the packing op
 _CHUNK_ELEMS = 1 << 22   # weights expanded to float at once in the chunked paths (16 MB in f32)
-_DENSE_MIN_ROWS = 48     # from this many input rows the bf16 path expands chunks and uses oneDNN
+_DENSE_MIN_ROWS = 128    # from this many input rows the bf16 path expands chunks (measured crossover)
 
 
 class GGUFKernel(Protocol):
@@ -84,7 +100,7 @@ class Int4PlaneKernel:
                 sz = F.pad(sz, (0, 0, 0, 0, 0, short))
             packs.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(nib.to(torch.int32), 2))
             szs.append(sz.to(dtype))
-            idx, mult = planes.idx, planes.mult
+            idx, mult, self.fold = planes.idx, planes.mult, planes.fold
         self.packed = torch.cat(packs)                                   # uint8 [N', K'/2]
         self.sz = torch.cat(szs).transpose(0, 1).contiguous()            # [K'/32, N', 2]
         self.idx = idx
@@ -102,47 +118,49 @@ class Int4PlaneKernel:
         return xe * self.mult if self.mult is not None else xe
 
     def expand(self, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) (multiples of 64) of W' [N', K'] in the kernel's dtype."""
+        """Rows [start, stop) (multiples of 64) of W [rows, K] in float32, planes folded back."""
+        rows = stop - start
         b = self.packed[start:stop].reshape(-1, self.k_ext, _PACK_ROWS // 2)   # [rows/64, K', 32 bytes]
-        q = torch.cat((b & 0x0F, b >> 4), dim=2).transpose(1, 2).reshape(stop - start, self.k_ext)
-        sz = self.sz[:, start:stop]                                          # [K'/32, rows, 2]
-        w = (q.to(self.dtype) - 8).reshape(stop - start, -1, GROUP)
-        w = w * sz[..., 0].t().unsqueeze(-1) + sz[..., 1].t().unsqueeze(-1)
-        return w.reshape(stop - start, self.k_ext)
+        q = torch.cat((b & 0x0F, b >> 4), dim=2).transpose(1, 2).reshape(rows, -1, GROUP)
+        sz = self.sz[:, start:stop].float()                                   # [K'/32, rows, 2]
+        # float32 in place: several times faster than bf16 elementwise ops on CPU.
+        w = q.to(torch.float32).sub_(8).mul_(sz[..., 0].t().unsqueeze(-1)).add_(sz[..., 1].t().unsqueeze(-1))
+        if self.fold is None:
+            return w.reshape(rows, self.k_ext)
+        h, lo, hi = self.fold
+        w = w.reshape(rows, -1, 2, h)
+        if hi == 0.0:
+            return w[:, :, 0].reshape(rows, self.in_features)
+        if hi != 1.0:
+            w[:, :, 1].mul_(hi)
+        return w.sum(dim=2).reshape(rows, self.in_features)
 
-    def _expanded_matmul(self, xe: torch.Tensor) -> torch.Tensor:
-        out = torch.empty(xe.shape[0], self.padded, dtype=xe.dtype)
+    def _expanded_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(x.shape[0], self.padded, dtype=x.dtype)
         step = _chunk_rows(self.k_ext, _PACK_ROWS)
         for start in range(0, self.padded, step):
             stop = min(start + step, self.padded)
-            w = self.expand(start, stop)
-            if self.dtype == torch.bfloat16 and xe.shape[0] >= _DENSE_MIN_ROWS and can_prepack(w):
-                out[:, start:stop] = linear(xe, prepack(w))
-            else:
-                out[:, start:stop] = F.linear(xe, w)
+            out[:, start:stop] = F.linear(x, self.expand(start, stop).to(self.dtype))
         return out
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        xe = self._extend(x.reshape(-1, self.in_features))
-        if self.dtype == torch.bfloat16 and xe.shape[0] < _DENSE_MIN_ROWS:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xe, self.packed, GROUP, self.sz)
+        x2 = x.reshape(-1, self.in_features).to(self.dtype).contiguous()
+        if x2.shape[0] == 0:
+            y = x2.new_empty(0, self.padded)
+        elif self.dtype == torch.bfloat16 and x2.shape[0] < _DENSE_MIN_ROWS:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(self._extend(x2), self.packed, GROUP, self.sz)
         else:
-            y = self._expanded_matmul(xe)
+            y = self._expanded_matmul(x2)
         if self.padded != self.out_features:
             y = y[:, :self.out_features]
-        return y.reshape(*lead, self.out_features)
+        return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def dequantized(self) -> torch.Tensor:
-        """W [N, K] in float32 (the planes folded back through idx and mult)."""
-        w = torch.cat([self.expand(s, min(s + 4096, self.padded)) for s in range(0, self.padded, 4096)])
-        w = w[:self.out_features].float()
-        if self.idx is None:
-            return w
-        if self.mult is not None:
-            w = w * self.mult.float()
-        full = torch.zeros(self.out_features, self.in_features + 1)
-        return full.index_add_(1, self.idx, w)[:, :self.in_features]
+        """W [N, K] in float32, as the expanded path multiplies by it."""
+        step = _chunk_rows(self.k_ext, _PACK_ROWS)
+        w = torch.cat([self.expand(s, min(s + step, self.padded)) for s in range(0, self.padded, step)])
+        return w[:self.out_features]
 
 
 class RawDequantKernel:

@@ -41,6 +41,7 @@ class Planes:
     zero: torch.Tensor    # float32 [N, K'/32]
     idx: torch.Tensor | None   # int32 [K'] column of x (K = the zero column), None when K' = K in order
     mult: torch.Tensor | None  # float32 [K'] power-of-two factors, None when all ones
+    fold: tuple[int, float, float] | None  # W from W' [N, K']: see _Layout.fold
 
 
 @dataclass(slots=True, frozen=True)
@@ -49,6 +50,9 @@ class _Layout:
     groups: int
     src: tuple[tuple[int, ...], ...]
     mult: tuple[tuple[float, ...], ...] | None = None
+    # (h, a, b): W' viewed [N, -1, 2, h] folds back to W = a * W'[:, :, 0] + b * W'[:, :, 1] (b = 0
+    # drops padding); None when W' = W.
+    fold: tuple[int, float, float] | None = None
 
 
 def _plain(bs: int) -> _Layout:
@@ -61,16 +65,17 @@ def _split(bs: int) -> _Layout:
     for g in range(bs // GROUP):
         vals = tuple(range(g * GROUP, (g + 1) * GROUP))
         src += [vals, vals]
-    return _Layout(len(src), tuple(src))
+    return _Layout(len(src), tuple(src), fold=(GROUP, 1.0, 1.0))
 
 
 def _padded16() -> _Layout:
-    return _Layout(16, tuple(tuple(range(g * 16, g * 16 + 16)) + (-1,) * 16 for g in range(16)))
+    return _Layout(16, tuple(tuple(range(g * 16, g * 16 + 16)) + (-1,) * 16 for g in range(16)),
+                   fold=(16, 1.0, 0.0))
 
 
 def _q6k_layout() -> _Layout:
     src = tuple(tuple(range(g * 16, g * 16 + 16)) * 2 for g in range(16))
-    return _Layout(16, src, tuple((1.0,) * 16 + (8.0,) * 16 for _ in range(16)))
+    return _Layout(16, src, tuple((1.0,) * 16 + (8.0,) * 16 for _ in range(16)), fold=(16, 1.0, 8.0))
 
 
 # ---------------------------------------------------------------------- per-type block encoders
@@ -240,4 +245,4 @@ def encode_planes(raw: torch.Tensor, qtype: Q, in_features: int) -> Planes:
     nib, scale, zero = enc(raw.reshape(-1, ts))
     g = in_features // bs * layout.groups
     idx, mult = _index(qtype, in_features)
-    return Planes(nib.reshape(n, g * GROUP), scale.reshape(n, g), zero.reshape(n, g), idx, mult)
+    return Planes(nib.reshape(n, g * GROUP), scale.reshape(n, g), zero.reshape(n, g), idx, mult, layout.fold)
