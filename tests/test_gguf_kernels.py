@@ -21,7 +21,7 @@ GGUF_WRITABLE = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0]
 
 def _check(raw: np.ndarray | torch.Tensor, qtype: Q, n: int, k: int, dtype: torch.dtype,
            rows=(1, 3, 17), seed: int = 0) -> gk.GGUFKernel:
-    raw_t = torch.as_tensor(np.ascontiguousarray(raw)) if isinstance(raw, np.ndarray) else raw
+    raw_t = torch.from_numpy(np.array(raw, copy=True)) if isinstance(raw, np.ndarray) else raw
     w = dequantize(raw_t, qtype, (n, k))
     kern = make_gguf_kernel(raw_t, qtype, n, k, dtype=dtype, device=CPU)
     assert (kern.qtype, kern.out_features, kern.in_features) == (qtype, n, k)
@@ -115,3 +115,40 @@ def test_leading_dims_and_errors():
         make_gguf_kernel(raw, Q.Q4_0, 64, 96, dtype=torch.bfloat16, device=CPU)
     with pytest.raises(NotImplementedError):
         make_gguf_kernel(raw, Q.IQ2_XXS, 64, 256, dtype=torch.bfloat16, device=CPU)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_real_smollm2_tensors(dtype):
+    """Layer-0 projections (Q4_1 here) and the first rows of the Q8_0 token embedding of the real file."""
+    from gguf import GGUFReader
+
+    from tests.assets import smollm2_gguf_path
+
+    reader = GGUFReader(smollm2_gguf_path())
+    seen = set()
+    for t in reader.tensors:
+        qtype = Q(t.tensor_type)
+        if qtype in (Q.F32, Q.F16) or len(t.shape) != 2 or qtype in seen:
+            continue
+        if not (t.name.startswith("blk.0.") or t.name == "token_embd.weight"):
+            continue
+        seen.add(qtype)
+        data = np.ascontiguousarray(t.data[:512])
+        _check(data.view(np.uint8).reshape(data.shape[0], -1), qtype, data.shape[0], int(t.shape[0]), dtype)
+    assert Q.Q4_1 in seen
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0, Q.Q6_K, Q.F16], ids=lambda q: q.name)
+def test_cuda_generic_path(qtype):
+    rng = np.random.default_rng(4)
+    n, k = 128, 512
+    raw = torch.from_numpy(_random_raw(qtype, n, k, rng).copy())
+    w = dequantize(raw, qtype, (n, k))
+    dev = torch.device("cuda")
+    kern = make_gguf_kernel(raw.to(dev), qtype, n, k, dtype=torch.bfloat16, device=dev)
+    x = torch.randn(5, k).bfloat16()
+    y = kern(x.to(dev))
+    assert y.device.type == "cuda" and y.dtype == torch.bfloat16
+    ref = x.float() @ w.t()
+    assert ((y.float().cpu() - ref).abs().max() / ref.abs().max()).item() <= TOL[torch.bfloat16]

@@ -24,21 +24,23 @@ Tolerances against ``dequantize`` + float32 matmul (tests/test_gguf_kernels.py),
 max |reference|: float32 1e-5 (measured <= 1e-6); bfloat16 1.5e-2 (measured 1-9e-3, the same as a
 dense bf16 layer over the dequantized weight).
 
-Measured (benchmarks/bench_gguf_kernels.py; Zen 4, 2 threads, bf16, ms per call; 1536x576 weights,
-1536x512 for 256-blocks). The int4 op is compute-bound near 30 G weights/s at M = 1, so 4-bit
-types read ~15 GB/s and the two-plane ones take twice as long:
+Measured (benchmarks/bench_gguf_kernels.py; Zen 4, 2 threads, bf16, ms per call on a 1536x576
+weight, 1536x512 for 256-blocks; a shared machine, so +-15%). The int4 op is compute-bound near
+30 G weights/s at M = 1, so every type reads ~14 GB/s and the two-plane ones take twice as long as
+the 4-bit ones; M = 256 is the expanded path:
 
 | type | M=1 | M=16 | M=256 |
 |---|---|---|---|
-| Q4_0, Q4_1 | 0.035 | 0.18 | 2.0 |
-| Q4_K | 0.032 | 0.16 | 1.5 |
-| Q8_0 (2 planes) | 0.071 | 0.41 | 3.0 |
-| Q6_K (2 planes) | 0.068 | 0.37 | 2.9 |
-| BF16 dense (oneDNN) | 0.038 | 0.095 | 1.05 |
+| Q4_0, Q4_1 | 0.037 | 0.19 | 2.0 |
+| Q4_K | 0.035 | 0.17 | 1.8 |
+| Q5_0, Q5_1, Q8_0, IQ4_NL (2 planes) | 0.078 | 0.45 | 3.4 |
+| Q2_K, Q3_K, Q5_K, Q6_K, IQ4_XS (2 planes / padded) | 0.071 | 0.39 | 2.9 |
+| BF16 / F16 stored (oneDNN dense) | 0.041 | 0.098 | 1.1 |
 
-One SmolLM2-135M decode token (M = 1, 30 layers Q4_1 + Q8_0 49152x576 head): 6.1 ms with fused
-qkv / gate-up (7.0 ms separate) and 102 MB held, against 5.5 ms (7.3 ms) and 269 MB for
-oneDNN-prepacked bf16: the same speed in 2.6x less memory.
+One SmolLM2-135M decode token (M = 1, 30 layers Q4_1 + a Q8_0 49152x576 head, all matmuls):
+6.5 ms with fused qkv / gate-up (8.1 ms separate) holding 102 MB, against 6.0 ms (7.9 ms) and
+269 MB for oneDNN-prepacked bf16: about the same speed in 2.6x less memory. Prefill-sized M is
+~2x slower than dense bf16 (the expansion costs ~1 ns a weight).
 """
 from __future__ import annotations
 
@@ -117,30 +119,29 @@ class Int4PlaneKernel:
         xe = F.pad(x, (0, 1)).index_select(1, self.idx)
         return xe * self.mult if self.mult is not None else xe
 
-    def expand(self, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) (multiples of 64) of W [rows, K] in float32, planes folded back."""
+    def expand(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows [start, stop) (multiples of 64) of W [rows, K] in `dtype`, planes folded back."""
         rows = stop - start
         b = self.packed[start:stop].reshape(-1, self.k_ext, _PACK_ROWS // 2)   # [rows/64, K', 32 bytes]
         q = torch.cat((b & 0x0F, b >> 4), dim=2).transpose(1, 2).reshape(rows, -1, GROUP)
         sz = self.sz[:, start:stop].float()                                   # [K'/32, rows, 2]
         # float32 in place: several times faster than bf16 elementwise ops on CPU.
         w = q.to(torch.float32).sub_(8).mul_(sz[..., 0].t().unsqueeze(-1)).add_(sz[..., 1].t().unsqueeze(-1))
-        if self.fold is None:
-            return w.reshape(rows, self.k_ext)
-        h, lo, hi = self.fold
-        w = w.reshape(rows, -1, 2, h)
-        if hi == 0.0:
-            return w[:, :, 0].reshape(rows, self.in_features)
-        if hi != 1.0:
-            w[:, :, 1].mul_(hi)
-        return w.sum(dim=2).reshape(rows, self.in_features)
+        if self.fold is not None:
+            h, _, hi = self.fold
+            w = w.reshape(rows, -1, 2, h)
+            if hi:
+                w[:, :, 0].add_(w[:, :, 1], alpha=hi)
+            w = w[:, :, 0]
+        # The cast gathers a folded (strided) view into a contiguous [rows, K].
+        return w.to(dtype).reshape(rows, self.in_features)
 
     def _expanded_matmul(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.empty(x.shape[0], self.padded, dtype=x.dtype)
         step = _chunk_rows(self.k_ext, _PACK_ROWS)
         for start in range(0, self.padded, step):
             stop = min(start + step, self.padded)
-            out[:, start:stop] = F.linear(x, self.expand(start, stop).to(self.dtype))
+            out[:, start:stop] = F.linear(x, self.expand(start, stop, self.dtype))
         return out
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
