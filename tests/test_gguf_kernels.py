@@ -152,3 +152,26 @@ def test_cuda_generic_path(qtype):
     assert y.device.type == "cuda" and y.dtype == torch.bfloat16
     ref = x.float() @ w.t()
     assert ((y.float().cpu() - ref).abs().max() / ref.abs().max()).item() <= TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("qtype", sorted(gk.PLANE_TYPES, key=int), ids=lambda q: q.name)
+def test_fast_extension_matches_the_plane_index(qtype):
+    """The kernel's one-op x -> x' equals the documented gather x_ext[:, idx] * mult."""
+    from mistralpy.quant.gguf_kernels_encode import encode_planes
+
+    rng = np.random.default_rng(6)
+    k = 512
+    raw = torch.from_numpy(_random_raw(qtype, 64, k, rng).copy())
+    kern = make_gguf_kernel(raw, qtype, 64, k, dtype=torch.bfloat16, device=CPU)
+    planes = encode_planes(raw, qtype, k)
+    x = torch.randn(3, k).bfloat16()
+    want = x if planes.idx is None else torch.nn.functional.pad(x, (0, 1))[:, planes.idx.long()]
+    if planes.mult is not None:
+        want = want * planes.mult.bfloat16()
+    assert torch.equal(kern._extend(x), want)
+
+
+def test_small_shapes():
+    rng = np.random.default_rng(8)
+    for qtype, n, k in ((Q.Q4_0, 16, 32), (Q.Q8_0, 48, 96), (Q.Q6_K, 16, 768)):
+        _check(_random_raw(qtype, n, k, rng), qtype, n, k, torch.bfloat16, rows=(1, 5, 200))

@@ -102,22 +102,30 @@ class Int4PlaneKernel:
                 sz = F.pad(sz, (0, 0, 0, 0, 0, short))
             packs.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(nib.to(torch.int32), 2))
             szs.append(sz.to(dtype))
-            idx, mult, self.fold = planes.idx, planes.mult, planes.fold
+            self.fold = planes.fold
         self.packed = torch.cat(packs)                                   # uint8 [N', K'/2]
         self.sz = torch.cat(szs).transpose(0, 1).contiguous()            # [K'/32, N', 2]
-        self.idx = idx
-        self.mult = mult.to(dtype) if mult is not None else None
         self.k_ext = self.packed.shape[1] * 2
+        # The common decode call (2-D contiguous bf16, few rows) skips the general checks.
+        self._int4_rows = _DENSE_MIN_ROWS if dtype == torch.bfloat16 else 0
+        hi = self.fold[2] if self.fold is not None else 0.0
+        self._hi_mult = torch.tensor([1.0, hi], dtype=dtype).reshape(1, 1, 2, 1)
 
     def nbytes(self) -> int:
-        return _tensor_bytes(self.packed, self.sz, self.idx, self.mult)
+        return _tensor_bytes(self.packed, self.sz)
 
     def _extend(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] -> x' [M, K'] read by the planes."""
-        if self.idx is None:
+        """x [M, K] -> x' [M, K'] read by the planes: Planes.idx / Planes.mult as one cheap op."""
+        if self.fold is None:
             return x
-        xe = F.pad(x, (0, 1)).index_select(1, self.idx)
-        return xe * self.mult if self.mult is not None else xe
+        h, _, hi = self.fold
+        m = x.shape[0]
+        xs = x.reshape(m, -1, 1, h)
+        if hi == 0.0:      # padded sub-blocks: a zero column after each
+            return F.pad(xs, (0, h)).reshape(m, self.k_ext)
+        if hi == 1.0:      # low and high plane read the same values (cat: the cheapest single op)
+            return torch.cat((xs, xs), dim=2).reshape(m, self.k_ext)
+        return (xs * self._hi_mult).reshape(m, self.k_ext)   # [x, hi * x] in one broadcast op
 
     def expand(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Rows [start, stop) (multiples of 64) of W [rows, K] in `dtype`, planes folded back."""
@@ -145,6 +153,10 @@ class Int4PlaneKernel:
         return out
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] < self._int4_rows and x.dtype == torch.bfloat16 and x.is_contiguous() \
+                and x.shape[0] > 0:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(self._extend(x), self.packed, GROUP, self.sz)
+            return y if self.padded == self.out_features else y[:, :self.out_features]
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(self.dtype).contiguous()
         if x2.shape[0] == 0:
