@@ -11,6 +11,7 @@ Run: python benchmarks/bench_gguf_kernels.py [--dtype bf16|f32] [--types Q4_1,Q8
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -57,8 +58,9 @@ def timeit(fn, min_time: float = 0.2, max_iters: int = 2000) -> float:
     return (time.perf_counter() - t0) / iters
 
 
-def per_type(dtype: torch.dtype, types: list[Q], rows_list: list[int], quick: bool) -> None:
+def per_type(dtype: torch.dtype, types: list[Q], rows_list: list[int], quick: bool) -> list[dict]:
     rng = np.random.default_rng(0)
+    results = []
     print(f"\n| type | N x K | held MB | " + " | ".join(f"M={m} ms (GB/s)" for m in rows_list) + " |")
     print("|---|---|---|" + "---|" * len(rows_list))
     for qtype in types:
@@ -74,13 +76,16 @@ def per_type(dtype: torch.dtype, types: list[Q], rows_list: list[int], quick: bo
                 x = torch.randn(m, kk).to(dtype)
                 t = timeit(lambda: kern(x))
                 cells.append(f"{t * 1e3:.3f} ({kern.nbytes() / t / 1e9:.1f})")
+                results.append({"type": qtype.name, "n": n, "k": kk, "m": m, "ms": t * 1e3,
+                                "gb_s": kern.nbytes() / t / 1e9, "bytes_held": kern.nbytes()})
             print(f"| {qtype.name} | {n}x{kk} | {kern.nbytes() / 1e6:.2f} | " + " | ".join(cells) + " |")
+    return results
 
 
 SMOL = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
 
 
-def smollm2_token(dtype: torch.dtype, fused: bool) -> None:
+def smollm2_token(dtype: torch.dtype, fused: bool) -> dict:
     """All matmuls of one SmolLM2-135M decode step (M = 1)."""
     rng = np.random.default_rng(1)
     layer = [(960, 576), (576, 576), (3072, 576), (576, 1536)] if fused else SMOL
@@ -109,6 +114,8 @@ def smollm2_token(dtype: torch.dtype, fused: bool) -> None:
           f"{(t_layers + t_head) * 1e3:.2f} | {held / 1e6:.1f} |")
     print(f"| {dtype} oneDNN prepacked | {d_layers * 1e3:.2f} | {d_head * 1e3:.2f} | "
           f"{(d_layers + d_head) * 1e3:.2f} | {(sum(n * k for n, k in layer) * 30 + 49152 * 576) * 2 / 1e6:.1f} |")
+    return {"fused": fused, "gguf_layers_ms": t_layers * 1e3, "gguf_head_ms": t_head * 1e3,
+            "dense_layers_ms": d_layers * 1e3, "dense_head_ms": d_head * 1e3, "gguf_bytes_held": held}
 
 
 def main() -> None:
@@ -119,15 +126,19 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="one shape per type")
     ap.add_argument("--skip-token", action="store_true")
+    ap.add_argument("--json", default="", help="also write the results to this JSON file")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     types = [Q[t] for t in args.types.split(",")] if args.types else TYPES
-    per_type(dtype, types, [int(r) for r in args.rows.split(",")], args.quick)
+    out = {"dtype": args.dtype, "threads": args.threads,
+           "per_type": per_type(dtype, types, [int(r) for r in args.rows.split(",")], args.quick)}
     if not args.skip_token:
-        smollm2_token(dtype, fused=False)
-        smollm2_token(dtype, fused=True)
+        out["smollm2_token"] = [smollm2_token(dtype, fused=False), smollm2_token(dtype, fused=True)]
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+        log.info("wrote %s", args.json)
 
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ class Int4PlaneKernel:
         if x.dim() == 2 and x.shape[0] < self._int4_rows and x.dtype == torch.bfloat16 and x.is_contiguous() \
                 and x.shape[0] > 0:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(self._extend(x), self.packed, GROUP, self.sz)
-            return y if self.padded == self.out_features else y[:, :self.out_features]
+            return y if self.padded == self.out_features else y[:, :self.out_features].contiguous()
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(self.dtype).contiguous()
         if x2.shape[0] == 0:
@@ -166,7 +166,7 @@ class Int4PlaneKernel:
         else:
             y = self._expanded_matmul(x2)
         if self.padded != self.out_features:
-            y = y[:, :self.out_features]
+            y = y[:, :self.out_features].contiguous()
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
     def dequantized(self) -> torch.Tensor:
