@@ -79,6 +79,7 @@ class ModelConfig:
     max_model_len: int
     generation_config: dict[str, Any] = field(default_factory=dict)
     gguf_files: list[Path] | None = None  # weights come from these GGUF parts instead of safetensors
+    isq: Any = None  # a GGMLQuantizationType: quantize linear weights to it while loading
 
     @property
     def text_config(self) -> dict[str, Any]:

@@ -23,6 +23,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "f16", "f32"],
                    help="weights/activations dtype; auto never picks f16 on CPU (default: auto)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
+    g.add_argument("--isq", help="quantize while loading: Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2K Q3K Q4K Q5K Q6K IQ4_NL "
+                                 "IQ4_XS, or bits 2/3/4/5/6/8 (-> Q2K..Q6K, Q8_0)")
     e = p.add_argument_group("engine")
     e.add_argument("--max-seqs", type=int, default=32, help="max sequences running at once (default: 32)")
     e.add_argument("--max-num-batched-tokens", type=int, default=512,
@@ -57,7 +59,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 block_size=args.block_size, enable_prefix_caching=not args.no_prefix_caching,
                 enable_chunked_prefill=not args.no_chunked_prefill, revision=args.revision,
                 token_source=args.token_source, tokenizer=args.tokenizer, chat_template=args.chat_template,
-                arch=args.arch, seed=args.seed, gguf_file=args.gguf_file)
+                arch=args.arch, seed=args.seed, gguf_file=args.gguf_file,
+                isq=args.isq)
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:

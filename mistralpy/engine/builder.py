@@ -16,6 +16,7 @@ from mistralpy.loading.gguf_loader import hf_config_from_gguf, metadata, open_re
 from mistralpy.loading.hub import METADATA_ALLOW_PATTERNS, resolve_file, resolve_model_dir
 from mistralpy.loading.safetensors_reader import checkpoint_dtype
 from mistralpy.models.registry import resolve_architecture
+from mistralpy.quant.isq import parse_isq
 from mistralpy.tokenizer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class EngineOptions:
     arch: str | None = None
     seed: int | None = None
     gguf_file: str | None = None  # a .gguf file inside `model` (a hub repo or folder), like `-f`
+    isq: str | int | None = None  # in-situ quantization type (Q4K, Q8_0, ... or 2/3/4/5/6/8)
 
     def validate(self) -> None:
         for name in ("max_seqs", "max_num_batched_tokens", "block_size"):
@@ -103,9 +105,11 @@ def _tokenizer_from_option(opts: EngineOptions) -> Tokenizer:
 
 def build_core(model: str, opts: EngineOptions) -> tuple[EngineCore, Tokenizer, ModelConfig]:
     opts.validate()
+    isq = parse_isq(opts.isq)
     gguf_path = resolve_gguf(model, opts)
     if gguf_path is not None:
         model_config, tokenizer = build_gguf_model_config(gguf_path, opts)
+        model_config.isq = isq
         return EngineCore(_engine_config(model_config, opts), tokenizer), tokenizer, model_config
     model_dir = resolve_model_dir(model, revision=opts.revision, token_source=opts.token_source)
     hf_config = read_json(Path(model_dir) / "config.json")
@@ -118,7 +122,7 @@ def build_core(model: str, opts: EngineOptions) -> tuple[EngineCore, Tokenizer, 
     text_cfg = hf_config.get("text_config") or hf_config
     model_config = ModelConfig(path=Path(model_dir), hf_config=hf_config, architecture=arch, dtype=dtype,
                                max_model_len=derive_max_model_len(text_cfg, opts.max_model_len),
-                               generation_config=gen_cfg)
+                               generation_config=gen_cfg, isq=isq)
     if opts.tokenizer:
         tokenizer = _tokenizer_from_option(opts)
     else:

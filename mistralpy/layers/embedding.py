@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType as Q
 from torch import nn
 
 from mistralpy.errors import ModelLoadError
@@ -15,6 +16,7 @@ from mistralpy.layers.linear import Kernel, make_kernel
 from mistralpy.layers.matmul import linear
 from mistralpy.quant.gguf_dequant import dequantize
 from mistralpy.quant.gguf_tensor import GGUFTensor
+from mistralpy.quant.isq import quantize_tensor
 
 
 class VocabEmbedding(nn.Module):
@@ -58,6 +60,7 @@ class LMHead(nn.Module):
         self.tied = tied_to is not None
         self._embedding = [tied_to]  # a list: not registered as a submodule (no double counting)
         self.qkernel: Kernel | None = None
+        self.isq: Q | None = None  # an untied head's ISQ type (set before loading)
         if tied_to is not None:
             self.weight = tied_to.weight
         else:
@@ -68,6 +71,8 @@ class LMHead(nn.Module):
         if tuple(loaded.shape) != tuple(param.shape):
             raise ModelLoadError(f"checkpoint shape {tuple(loaded.shape)} does not match the model's "
                                  f"{tuple(param.shape)}")
+        if self.isq is not None and not isinstance(loaded, GGUFTensor):
+            loaded = quantize_tensor(loaded, self.isq)
         if isinstance(loaded, GGUFTensor):
             if loaded.is_quantized:
                 self._use_kernel(make_kernel(loaded, param.dtype, param.device))

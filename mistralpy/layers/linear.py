@@ -11,18 +11,21 @@ A loader may also hand a ``GGUFTensor`` (a GGUF file, or ISQ). A quantized one i
 the layer drops its float parameter and multiplies with a quantized kernel
 (``quant/gguf_kernels.py``) over the raw blocks. Merged shards of one block type are joined row-wise
 into one kernel (block rows are independent); mixed types (Q4_K_M files keep attn_v in Q6_K) get
-one kernel per shard, their outputs concatenated.
+one kernel per shard, their outputs concatenated. ISQ (``isq`` set before loading) encodes float
+checkpoint tensors into a GGUF block type on the way in and then takes the same path.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
 import torch
+from gguf import GGMLQuantizationType as Q
 from torch import nn
 
 from mistralpy.errors import ModelLoadError
 from mistralpy.layers.matmul import linear
 from mistralpy.quant.gguf_tensor import GGUFTensor
+from mistralpy.quant.isq import quantize_tensor
 
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 
@@ -80,17 +83,24 @@ class Linear(nn.Module):
         self.weight = _param(out_features, in_features, loader=self._load_weight)
         self.bias = _param(out_features) if bias else None
         self.qkernel: Kernel | None = None  # set when the weight stays quantized
+        self.isq: Q | None = None  # set before loading: quantize float checkpoint tensors to this type
 
     def _load_weight(self, param: nn.Parameter, loaded: torch.Tensor | GGUFTensor, shard: int | None = None) -> None:
         if _shape_of(loaded) != (self.out_features, self.in_features):
             raise ModelLoadError(f"checkpoint shape {_shape_of(loaded)} does not match "
                                  f"[{self.out_features}, {self.in_features}]")
+        loaded = self._maybe_isq(loaded)
         if isinstance(loaded, GGUFTensor):
             if loaded.is_quantized:
                 self.use_kernel(make_kernel(loaded, param.dtype, param.device))
                 return
             loaded = loaded.to_float(param.dtype)
         param.data.copy_(loaded)
+
+    def _maybe_isq(self, loaded: torch.Tensor | GGUFTensor) -> torch.Tensor | GGUFTensor:
+        if self.isq is None or isinstance(loaded, GGUFTensor):
+            return loaded
+        return quantize_tensor(loaded, self.isq)
 
     def use_kernel(self, kernel: Kernel) -> None:
         """Multiply with `kernel` from now on; the float weight is dropped (its memory freed)."""
@@ -128,6 +138,7 @@ class MergedLinear(Linear):
         start, size = self._shard_range(loaded, shard)
         if _shape_of(loaded)[1] != self.in_features:
             raise ModelLoadError(f"shard {shard} expects {self.in_features} columns, got {_shape_of(loaded)}")
+        loaded = self._maybe_isq(loaded)
         if isinstance(loaded, GGUFTensor):
             # Held until every shard is in: only then is the kernel layout known.
             self._gguf_shards[shard] = loaded

@@ -9,13 +9,43 @@ import torch
 
 from mistralpy.attention.backend import AttentionBackend
 from mistralpy.config import ModelConfig
+from mistralpy.layers.embedding import LMHead
+from mistralpy.layers.linear import Linear
 from mistralpy.layers.matmul import prepack_linear_weights
+from mistralpy.quant.isq import head_type
 from mistralpy.loading.gguf_loader import gguf_architecture, iter_gguf_tensors, metadata, open_readers
 from mistralpy.loading.safetensors_reader import iter_safetensors, safetensors_files
 from mistralpy.models.base import CausalLM
 from mistralpy.models.registry import get_model_class
 
 log = logging.getLogger(__name__)
+
+
+def apply_isq(model: torch.nn.Module, qtype) -> None:
+    """Mark every decoder linear layer (and an untied LM head) to quantize its weight on load."""
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.isq = qtype
+        elif isinstance(module, LMHead) and not module.tied:
+            module.isq = head_type(qtype)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes held by parameters, buffers and quantized kernels (the tied head counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:  # prepacked (mkldnn) weights included: numel() is their logical size
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    for m in model.modules():
+        kernel = getattr(m, "qkernel", None)
+        if kernel is not None:
+            total += kernel.nbytes()
+        q = getattr(m, "qweight", None)
+        if q is not None:
+            total += q.raw.numel()
+    return total
 
 
 def load_model(model_config: ModelConfig, device: torch.device, backend: AttentionBackend) -> CausalLM:
@@ -35,6 +65,8 @@ def load_model(model_config: ModelConfig, device: torch.device, backend: Attenti
             model: CausalLM = cls(cfg, backend)
     finally:
         torch.set_default_dtype(previous)
+    if model_config.isq is not None:
+        apply_isq(model, model_config.isq)
     if model_config.gguf_files:
         readers = open_readers(model_config.gguf_files)
         _, arch = gguf_architecture(metadata(readers[0]))
@@ -47,6 +79,8 @@ def load_model(model_config: ModelConfig, device: torch.device, backend: Attenti
     if device.type == "cpu":
         packed = prepack_linear_weights(model)
         log.debug("prepacked %d linear weights for oneDNN", packed)
-    log.info("loaded %s (%.1fM params, %s) on %s in %.1fs", model_config.architecture, n_params / 1e6,
-             model_config.dtype, device, time.perf_counter() - start)
+    log.info("loaded %s (%.1fM float params, %.0f MiB of weights, %s%s) on %s in %.1fs",
+             model_config.architecture, n_params / 1e6, weight_bytes(model) / 2**20, model_config.dtype,
+             f", ISQ {model_config.isq.name}" if model_config.isq is not None else "", device,
+             time.perf_counter() - start)
     return model
