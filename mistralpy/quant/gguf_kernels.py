@@ -14,8 +14,8 @@ ISQ) tensor into a callable ``x [M, in] -> [M, out]`` holding no float copy of t
   - bfloat16 at M >= 128, and float32 at any M: chunks of rows are expanded to float32 (in-place
     float32 ops are ~6x faster than bf16 ones on CPU), folded back from the planes to [rows, K], cast
     to ``dtype`` and multiplied with F.linear. float32 is exact (a few ulp from the zero = offset +
-    8 * scale step) but slow; the int4 op's float32 kernel is ~20x slower than its bf16 one, so
-    bf16 is the compute dtype to use on CPU.
+    8 * scale step) but slow (1536x576 Q4_1 at M = 1: 0.7 ms, 2.6 ms for two-plane types); the int4
+    op's own float32 kernel is as slow, ~20x its bf16 one, so bf16 is the compute dtype for CPU.
 - **Other devices** (no device-specific code yet) **or a shape the int4 op rejects**: the raw
   blocks are kept and dequantized in chunks of rows by ``gguf_dequant.dequantize`` + F.linear.
 - **F32 / F16 / BF16 stored weights**: held in the compute dtype, oneDNN-prepacked on CPU.
@@ -31,16 +31,16 @@ the 4-bit ones; M = 256 is the expanded path:
 
 | type | M=1 | M=16 | M=256 |
 |---|---|---|---|
-| Q4_0, Q4_1 | 0.037 | 0.19 | 2.0 |
-| Q4_K | 0.035 | 0.17 | 1.8 |
-| Q5_0, Q5_1, Q8_0, IQ4_NL (2 planes) | 0.078 | 0.45 | 3.4 |
+| Q4_0, Q4_1 | 0.033 | 0.18 | 2.5 |
+| Q4_K | 0.033 | 0.17 | 1.8 |
+| Q5_0, Q5_1, Q8_0, IQ4_NL (2 planes) | 0.066 | 0.37 | 3.5 |
 | Q2_K, Q3_K, Q5_K, Q6_K, IQ4_XS (2 planes / padded) | 0.071 | 0.39 | 2.9 |
-| BF16 / F16 stored (oneDNN dense) | 0.041 | 0.098 | 1.1 |
+| BF16 / F16 stored (oneDNN dense) | 0.042 | 0.10 | 1.1 |
 
 One SmolLM2-135M decode token (M = 1, 30 layers Q4_1 + a Q8_0 49152x576 head, all matmuls):
-6.5 ms with fused qkv / gate-up (8.1 ms separate) holding 102 MB, against 6.0 ms (7.9 ms) and
-269 MB for oneDNN-prepacked bf16: about the same speed in 2.6x less memory. Prefill-sized M is
-~2x slower than dense bf16 (the expansion costs ~1 ns a weight).
+5.3-5.6 ms with fused qkv / gate-up (~7.0 ms separate) holding 102 MB, against 5.5-6.0 ms
+(~7.3 ms) and 269 MB for oneDNN-prepacked bf16: the same speed or a little better in 2.6x less
+memory. Prefill-sized M is ~2x slower than dense bf16 (the expansion costs ~1 ns a weight).
 """
 from __future__ import annotations
 
