@@ -25,6 +25,9 @@ def _check(raw: np.ndarray | torch.Tensor, qtype: Q, n: int, k: int, dtype: torc
     w = dequantize(raw_t, qtype, (n, k))
     kern = make_gguf_kernel(raw_t, qtype, n, k, dtype=dtype, device=CPU)
     assert (kern.qtype, kern.out_features, kern.in_features) == (qtype, n, k)
+    w_k = dequantize_kernel_weight(kern)
+    assert tuple(w_k.shape) == (n, k)
+    assert ((w_k - w).abs().max() / w.abs().max()).item() <= (1e-6 if dtype == torch.float32 else 1e-2)
     gen = torch.Generator().manual_seed(seed)
     for m in rows:
         x = torch.randn(m, k, generator=gen).to(dtype)
@@ -117,16 +120,20 @@ def test_leading_dims_and_errors():
         make_gguf_kernel(raw, Q.IQ2_XXS, 64, 256, dtype=torch.bfloat16, device=CPU)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-def test_real_smollm2_tensors(dtype):
-    """Layer-0 projections (Q4_1 here) and the first rows of the Q8_0 token embedding of the real file."""
+@pytest.fixture(scope="module")
+def smollm2_reader():
     from gguf import GGUFReader
 
     from tests.assets import smollm2_gguf_path
 
-    reader = GGUFReader(smollm2_gguf_path())
+    return GGUFReader(smollm2_gguf_path())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_real_smollm2_tensors(dtype, smollm2_reader):
+    """Layer-0 projections (Q4_1 here) and the first rows of the Q8_0 token embedding of the real file."""
     seen = set()
-    for t in reader.tensors:
+    for t in smollm2_reader.tensors:
         qtype = Q(t.tensor_type)
         if qtype in (Q.F32, Q.F16) or len(t.shape) != 2 or qtype in seen:
             continue
