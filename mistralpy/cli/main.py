@@ -1,4 +1,4 @@
-"""`mistralpy` command line: `run` (one-shot or interactive chat)."""
+"""`mistralpy` command line: `run` (one-shot or interactive chat), `quantize` (HF checkpoint -> GGUF)."""
 from __future__ import annotations
 
 import argparse
@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-i", "--input", help="one-shot prompt: print the answer and exit")
     run.add_argument("--raw", action="store_true", help="plain completion (no chat template), for base models")
     run.add_argument("--system", help="system prompt for chat")
+    from mistralpy.cli.quantize import add_quantize_args
+
+    quantize = sub.add_parser("quantize", help="write a Hugging Face checkpoint as a (quantized) GGUF file",
+                              description="Quantize a float Hugging Face checkpoint into a GGUF file that "
+                                          "llama.cpp and mistralpy load (tokenizer and chat template inside).")
+    add_quantize_args(quantize)
     return parser
 
 
@@ -93,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
             from mistralpy.cli.run import run_command
 
             return run_command(args)
+        if args.command == "quantize":
+            from mistralpy.cli.quantize import quantize_command
+
+            return quantize_command(args)
     except MistralPyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
