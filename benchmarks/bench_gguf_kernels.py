@@ -65,7 +65,7 @@ def timeit(fn, min_time: float = 0.2, repeats: int = 5) -> float:
 def per_type(dtype: torch.dtype, types: list[Q], rows_list: list[int], quick: bool) -> list[dict]:
     rng = np.random.default_rng(0)
     results = []
-    print(f"\n| type | N x K | held MB | " + " | ".join(f"M={m} ms (GB/s)" for m in rows_list) + " |")
+    print("\n| type | N x K | held MB | " + " | ".join(f"M={m} ms (GB/s)" for m in rows_list) + " |")
     print("|---|---|---|" + "---|" * len(rows_list))
     for qtype in types:
         k_in = 512 if BLOCK_SIZES[qtype][0] == 256 else 576
@@ -113,7 +113,7 @@ def smollm2_token(dtype: torch.dtype, fused: bool) -> dict:
     d_layers, d_head = timeit(run_d, 1.0, 10), timeit(lambda: linear(xs[576], dense_head), 0.5, 10)
     held = sum(k.nbytes() for k in kerns) + head.nbytes()
     print(f"\nSmolLM2-135M token, M=1, {dtype}, {'fused qkv/gate-up' if fused else 'separate'} projections:")
-    print(f"| path | 30 layers ms | head ms | total ms | MB held |\n|---|---|---|---|---|")
+    print("| path | 30 layers ms | head ms | total ms | MB held |\n|---|---|---|---|---|")
     print(f"| GGUF kernels (Q4_1 + Q8_0 head) | {t_layers * 1e3:.2f} | {t_head * 1e3:.2f} | "
           f"{(t_layers + t_head) * 1e3:.2f} | {held / 1e6:.1f} |")
     print(f"| {dtype} oneDNN prepacked | {d_layers * 1e3:.2f} | {d_head * 1e3:.2f} | "

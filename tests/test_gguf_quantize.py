@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import time
 
 import numpy as np
 import pytest
@@ -178,18 +177,3 @@ def test_matches_llama_cpp_quantizer(llama_quantized, ftype):
         assert same >= 0.9, (t.name, same)  # the rest differ only on float near-ties
         seen.add(qtype)
     assert seen  # llama.cpp really quantized something (widths are multiples of 256)
-
-
-def test_speed_report():
-    """Not asserted: quantization throughput per type, logged."""
-    torch.manual_seed(0)
-    for rows, cols in ((1536, 576), (4096, 4096)):
-        w = torch.randn(rows, cols)
-        for qtype in ALL_TYPES:
-            if cols % BLOCK_SIZES[qtype][0]:
-                continue
-            t0 = time.perf_counter()
-            quantize(w, qtype)
-            dt = time.perf_counter() - t0
-            logger.warning("quantize %dx%d %s: %.3f s (%.1f Mparam/s)", rows, cols, qtype.name, dt,
-                           rows * cols / dt / 1e6)

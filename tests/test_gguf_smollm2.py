@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from assets import smollm2_gguf_path
-from mistralpy import Engine, SamplingParams
+from mistralpy import Engine
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 

@@ -317,7 +317,7 @@ def test_gemma3_spm_gguf(written):
 # ------------------------------------------------------------------------------ small SentencePiece
 def _train_spm(folder: Path) -> Path:
     """A Llama-2-style tokenizer.json (▁ spaces, prefix space, byte fallback), trained on our own sources."""
-    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import models, pre_tokenizers, trainers
 
     texts = [p.read_text(encoding="utf-8") for p in sorted((REPO_ROOT / "mistralpy").rglob("*.py"))[:60]]
     tok = HFTokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from gguf import GGMLQuantizationType as Q
 
 from fixtures_gguf import GGUF_BASE
