@@ -80,6 +80,7 @@ class ModelConfig:
     generation_config: dict[str, Any] = field(default_factory=dict)
     gguf_files: list[Path] | None = None  # weights come from these GGUF parts instead of safetensors
     isq: Any = None  # a GGMLQuantizationType: quantize linear weights to it while loading
+    topology: Any = None  # quant.topology.Topology: per-layer ISQ types
 
     @property
     def text_config(self) -> dict[str, Any]:

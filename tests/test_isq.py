@@ -84,3 +84,38 @@ def test_narrow_model_falls_back(tmp_path, tokenizer_dir):
         assert kinds == {Q.Q5_0}
         out = engine.generate(IDS[:10], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
         assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_topology_ranges_and_regexes(checkpoint, tmp_path):
+    from mistralpy.quant.topology import Topology
+
+    (tmp_path / "topo.yml").write_text(
+        "0-1:\n  isq: Q4K\n1-2:\n  isq: Q8_0\n'/mlp\\.down_proj/':\n  isq: Q6K\n'/layers\\.1\\.self_attn\\.o_proj/':\n"
+        "  isq: none\n")
+    topo = Topology.from_file(tmp_path / "topo.yml")
+    assert topo.isq_for("model.layers.0.self_attn.qkv_proj", None) == Q.Q4_K
+    assert topo.isq_for("model.layers.1.self_attn.qkv_proj", None) == Q.Q8_0
+    assert topo.isq_for("model.layers.0.mlp.down_proj", Q.Q2_K) == Q.Q6_K
+    assert topo.isq_for("model.layers.1.self_attn.o_proj", Q.Q2_K) is None
+    with Engine(str(checkpoint), dtype="f32", num_kv_blocks=64, topology=str(tmp_path / "topo.yml")) as engine:
+        kinds = {name: (m.qkernel.qtype if m.qkernel is not None else None)
+                 for name, m in engine.core.runner.model.named_modules() if isinstance(m, Linear)}
+        assert kinds["model.layers.0.self_attn.qkv_proj"] == Q.Q4_K
+        assert kinds["model.layers.1.mlp.gate_up_proj"] == Q.Q8_0
+        assert kinds["model.layers.1.mlp.down_proj"] == Q.Q6_K
+        assert kinds["model.layers.1.self_attn.o_proj"] is None
+        assert len(engine.generate(IDS[:8], SamplingParams(max_tokens=3, ignore_eos=True))[0].outputs[0].token_ids) == 3
+
+
+@pytest.mark.parametrize("text, match", [
+    ("0-4: Q4K\n", "must be a mapping"),
+    ("4-2:\n  isq: Q4K\n", "neither a layer range"),
+    ("'/[/':\n  isq: Q4K\n", "regex"),
+    ("0-4:\n  isq: Q9K\n", "unknown ISQ type"),
+    ("0-4:\n  bits: 4\n", "unknown keys"),
+    ("0-4:\n  device: cuda[1]\n", "not supported yet"),
+])
+def test_bad_topology_is_a_clear_error(checkpoint, tmp_path, text, match):
+    (tmp_path / "t.yml").write_text(text)
+    with pytest.raises(InvalidRequestError, match=match):
+        Engine(str(checkpoint), dtype="f32", num_kv_blocks=64, topology=str(tmp_path / "t.yml"))

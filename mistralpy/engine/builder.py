@@ -17,6 +17,7 @@ from mistralpy.loading.hub import METADATA_ALLOW_PATTERNS, resolve_file, resolve
 from mistralpy.loading.safetensors_reader import checkpoint_dtype
 from mistralpy.models.registry import resolve_architecture
 from mistralpy.quant.isq import parse_isq
+from mistralpy.quant.topology import Topology
 from mistralpy.tokenizer.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class EngineOptions:
     seed: int | None = None
     gguf_file: str | None = None  # a .gguf file inside `model` (a hub repo or folder), like `-f`
     isq: str | int | None = None  # in-situ quantization type (Q4K, Q8_0, ... or 2/3/4/5/6/8)
+    topology: str | dict | None = None  # YAML file (or its dict): per-layer ISQ types
 
     def validate(self) -> None:
         for name in ("max_seqs", "max_num_batched_tokens", "block_size"):
@@ -106,10 +108,15 @@ def _tokenizer_from_option(opts: EngineOptions) -> Tokenizer:
 def build_core(model: str, opts: EngineOptions) -> tuple[EngineCore, Tokenizer, ModelConfig]:
     opts.validate()
     isq = parse_isq(opts.isq)
+    topology = None
+    if opts.topology is not None:
+        topology = (Topology.from_dict(opts.topology) if isinstance(opts.topology, dict)
+                    else Topology.from_file(opts.topology))
+        topology.check_devices(str(resolve_device(opts.device)))
     gguf_path = resolve_gguf(model, opts)
     if gguf_path is not None:
         model_config, tokenizer = build_gguf_model_config(gguf_path, opts)
-        model_config.isq = isq
+        model_config.isq, model_config.topology = isq, topology
         return EngineCore(_engine_config(model_config, opts), tokenizer), tokenizer, model_config
     model_dir = resolve_model_dir(model, revision=opts.revision, token_source=opts.token_source)
     hf_config = read_json(Path(model_dir) / "config.json")
@@ -122,7 +129,8 @@ def build_core(model: str, opts: EngineOptions) -> tuple[EngineCore, Tokenizer, 
     text_cfg = hf_config.get("text_config") or hf_config
     model_config = ModelConfig(path=Path(model_dir), hf_config=hf_config, architecture=arch, dtype=dtype,
                                max_model_len=derive_max_model_len(text_cfg, opts.max_model_len),
-                               generation_config=gen_cfg, isq=isq)
+                               generation_config=gen_cfg, isq=isq,
+                               topology=topology)
     if opts.tokenizer:
         tokenizer = _tokenizer_from_option(opts)
     else:

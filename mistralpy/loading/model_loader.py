@@ -13,6 +13,7 @@ from mistralpy.layers.embedding import LMHead
 from mistralpy.layers.linear import Linear
 from mistralpy.layers.matmul import prepack_linear_weights
 from mistralpy.quant.isq import head_type
+from mistralpy.quant.topology import Topology
 from mistralpy.loading.gguf_loader import gguf_architecture, iter_gguf_tensors, metadata, open_readers
 from mistralpy.loading.safetensors_reader import iter_safetensors, safetensors_files
 from mistralpy.models.base import CausalLM
@@ -21,12 +22,13 @@ from mistralpy.models.registry import get_model_class
 log = logging.getLogger(__name__)
 
 
-def apply_isq(model: torch.nn.Module, qtype) -> None:
-    """Mark every decoder linear layer (and an untied LM head) to quantize its weight on load."""
-    for module in model.modules():
+def apply_isq(model: torch.nn.Module, qtype, topology: Topology | None = None) -> None:
+    """Mark every decoder linear layer (and an untied LM head) to quantize its weight on load:
+    the topology's choice for that layer, else `qtype`."""
+    for name, module in model.named_modules():
         if isinstance(module, Linear):
-            module.isq = qtype
-        elif isinstance(module, LMHead) and not module.tied:
+            module.isq = topology.isq_for(name, qtype) if topology is not None else qtype
+        elif isinstance(module, LMHead) and not module.tied and qtype is not None:
             module.isq = head_type(qtype)
 
 
@@ -65,8 +67,8 @@ def load_model(model_config: ModelConfig, device: torch.device, backend: Attenti
             model: CausalLM = cls(cfg, backend)
     finally:
         torch.set_default_dtype(previous)
-    if model_config.isq is not None:
-        apply_isq(model, model_config.isq)
+    if model_config.isq is not None or model_config.topology is not None:
+        apply_isq(model, model_config.isq, model_config.topology)
     if model_config.gguf_files:
         readers = open_readers(model_config.gguf_files)
         _, arch = gguf_architecture(metadata(readers[0]))
