@@ -219,7 +219,7 @@ def _plan(files: list[Path], cfg: dict[str, Any], permute: bool, export: Q) -> l
     plan: list[_Planned] = []
     for path in files:
         with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 - a safe_open handle, not a dict
                 if name.endswith(_SKIP_SUFFIXES) or (tied and name == "lm_head.weight"):
                     continue
                 gname = _gguf_name(name)

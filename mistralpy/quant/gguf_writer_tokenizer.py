@@ -177,16 +177,20 @@ def _special_ids(cfg: dict[str, Any], model_cfg: dict[str, Any], ids: dict[str, 
 
 
 def _template_flags(tj: dict[str, Any], cfg: dict[str, Any]) -> dict[str, bool]:
-    """add_bos/add_eos: tokenizer_config's flags, else what the post-processor template adds."""
+    """add_bos/add_eos: tokenizer_config's flags, else what a post-processor template adds.
+
+    With neither, nothing is written and llama.cpp applies its default for the pre-tokenizer
+    (BOS for llama-bpe), as its converter leaves it.
+    """
     flags: dict[str, bool] = {}
-    single: list[dict[str, Any]] = []
+    single: list[dict[str, Any]] | None = None
     for s in _flatten(tj.get("post_processor"), "processors"):
         if s.get("type") == "TemplateProcessing":
             single = s.get("single", [])
     for key, pos in (("add_bos_token", 0), ("add_eos_token", -1)):
         if isinstance(cfg.get(key), bool):
             flags[key] = cfg[key]
-        else:
+        elif single is not None:
             flags[key] = bool(single) and "SpecialToken" in single[pos]
     return flags
 
