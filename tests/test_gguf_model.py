@@ -114,3 +114,24 @@ def test_quantized_logits_match_llama_cpp(checkpoints, tokenizer_dir, tmp_path, 
     # Same argmax at nearly every position.
     agree = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
     assert agree >= 0.9, f"{qtype}: argmax agreement {agree:.2f}"
+
+
+@pytest.mark.parametrize("variant, qtype", [("llama", "Q8_0"), ("llama", "Q4_K_M"), ("qwen2", "Q4_K_M")])
+def test_quantized_logits_match_transformers_gguf_loading(checkpoints, tokenizer_dir, tmp_path, variant, qtype):
+    """transformers' `gguf_file=` dequantizes the file to float32: with float32 compute our kernels must
+    give the same logits (the weights are identical, only summation order may differ). Qwen3 is left
+    out: transformers 5.24 ignores `qwen3.attention.key_length` (head_dim) when reading GGUF."""
+    import transformers
+
+    hf_dir, f32_path = checkpoints[variant]
+    if qtype == "Q8_0":
+        path = write_gguf(hf_dir, tmp_path / f"{qtype}.gguf", qtype)
+    else:
+        path = llama_quantize(f32_path, tmp_path / f"{qtype}.gguf", qtype)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name,
+                                                           dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor([IDS])).logits[0]
+    with _engine(path, tokenizer_dir) as engine:
+        ours = all_logits(engine, IDS)
+    assert (ours - ref).abs().max().item() < 2e-4
