@@ -278,3 +278,18 @@ def test_download_requests(monkeypatch, tmp_path):
     assert [c["allow_patterns"] for c in calls] == [["tokenizer.json"]]
     assert calls[0]["token"] is False  # 'cache' with nothing stored sends no token
     assert hub._cache_dir() == calls[0]["cache_dir"]
+
+
+def test_engine_loads_a_gguf_file_from_a_cached_hub_repo(hub_sandbox):
+    """`-m REPO -f FILE`: the GGUF alone, from the hub cache, offline (the real SmolLM2 file)."""
+    from assets import smollm2_gguf_path
+    from mistralpy import Engine, SamplingParams
+
+    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    add_cached_repo("org/smol-gguf", {name: smollm2_gguf_path().read_bytes()})
+    with Engine("org/smol-gguf", gguf_file=name, max_model_len=256, num_kv_blocks=32) as engine:
+        out = engine.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=4))
+        assert out[0].outputs[0].token_ids
+    with pytest.raises(ModelLoadError, match="not in the local hub cache"):
+        Engine("org/smol-gguf", gguf_file="other.gguf")
+    assert not hub_sandbox
