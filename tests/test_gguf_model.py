@@ -135,3 +135,28 @@ def test_quantized_logits_match_transformers_gguf_loading(checkpoints, tokenizer
     with _engine(path, tokenizer_dir) as engine:
         ours = all_logits(engine, IDS)
     assert (ours - ref).abs().max().item() < 2e-4
+
+
+@pytest.mark.parametrize("rope", [
+    dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+         original_max_position_embeddings=64),
+    dict(rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+         original_max_position_embeddings=8192),  # Llama 3.2's values
+])
+def test_llama3_rope_freqs_tensor_gives_the_llama3_rope(tmp_path, tokenizer_dir, rope):
+    """Llama 3.x GGUFs store their rope scaling as a rope_freqs tensor (written here by our own
+    `mistralpy quantize`, as llama.cpp's converter does); loading it must reproduce transformers."""
+    from mistralpy.cli.main import main
+
+    hf_dir = build_checkpoint(tmp_path / "l3", "llama", tokenizer_dir, **GGUF_BASE, rope_parameters=rope)
+    out = tmp_path / "l3.gguf"
+    assert main(["quantize", "-m", str(hf_dir), "--isq", "F32", "-o", str(out)]) == 0
+    ids = list(range(100, 300))  # longer than the first case's original context of 64
+    hf = load_hf(hf_dir)
+    with _engine(out, tokenizer_dir) as engine:
+        assert engine.model_config.hf_config["rope_scaling"]["original_max_position_embeddings"] == \
+            rope["original_max_position_embeddings"]
+        ours = all_logits(engine, ids)
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    assert (ours - ref).abs().max().item() < 2e-4

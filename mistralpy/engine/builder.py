@@ -12,7 +12,8 @@ from mistralpy.config import (CacheConfig, EngineConfig, ModelConfig, SchedulerC
                               read_json, resolve_device, resolve_dtype)
 from mistralpy.engine.core import EngineCore
 from mistralpy.errors import InvalidRequestError, ModelLoadError
-from mistralpy.loading.gguf_loader import hf_config_from_gguf, metadata, open_readers, split_files
+from mistralpy.loading.gguf_loader import (apply_rope_freq_factors, hf_config_from_gguf, metadata, open_readers,
+                                           split_files)
 from mistralpy.loading.hub import METADATA_ALLOW_PATTERNS, resolve_file, resolve_model_dir
 from mistralpy.loading.safetensors_reader import checkpoint_dtype
 from mistralpy.models.registry import resolve_architecture
@@ -81,6 +82,7 @@ def build_gguf_model_config(path: Path, opts: EngineOptions) -> tuple[ModelConfi
     meta = metadata(readers[0])
     names = {t.name for r in readers for t in r.tensors}
     hf_config = hf_config_from_gguf(meta, names)
+    apply_rope_freq_factors(hf_config, readers)
     arch = resolve_architecture(hf_config, opts.arch)
     device = resolve_device(opts.device)
     # Block-quantized weights have no float dtype of their own: compute in bf16 where it is native.

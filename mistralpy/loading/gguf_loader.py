@@ -10,6 +10,7 @@ adjacent pairs; we undo it on load (rows are whole blocks, so this works on quan
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -150,10 +151,48 @@ def hf_config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> dict[st
     scaling = _rope_scaling(get)
     if scaling is not None:
         cfg["rope_scaling"] = scaling
-    if "rope_freqs.weight" in tensor_names:
-        log.warning("this GGUF carries rope frequency factors (Llama 3.1-style rope scaling) that are not "
-                    "applied yet: outputs drift from llama.cpp's")
     return cfg
+
+
+def apply_rope_freq_factors(cfg: dict[str, Any], readers: list[GGUFReader]) -> None:
+    """Llama 3.x files carry their rope scaling as a `rope_freqs` tensor of per-frequency divisors
+    instead of parameters. Recover the llama3 parameters that produce exactly those divisors (the
+    converter computed them from factor / low / high frequency factors / original context), so the
+    model runs the same rope as transformers; anything else is refused rather than run wrong."""
+    tensor = next((t for r in readers for t in r.tensors if t.name == "rope_freqs.weight"), None)
+    if tensor is None:
+        return
+    factors = torch.from_numpy(np.array(tensor.data, dtype=np.float32, copy=True)).reshape(-1)
+    params = _llama3_params_for(factors, cfg["rope_theta"], cfg["head_dim"], cfg["max_position_embeddings"])
+    if params is None:
+        raise ModelLoadError("this GGUF's rope_freqs factors do not match a llama3 rope scaling; "
+                             "other per-frequency rope factors are not supported yet")
+    cfg["rope_scaling"] = params
+
+
+def _llama3_params_for(factors: torch.Tensor, base: float, head_dim: int, max_pos: int) -> dict[str, Any] | None:
+    from mistralpy.layers.rotary import _default_inv_freq, _llama3
+
+    inv = _default_inv_freq(base, head_dim)
+    if factors.numel() != inv.numel():
+        return None
+    factor = float(factors.max())
+    wavelen = 2 * math.pi / inv
+    medium = (factors > 1.0 + 1e-6) & (factors < factor - 1e-6)
+    origs = {8192, 4096, 2048, 131072, max_pos}
+    for low, high in ((1.0, 4.0), (1.0, 8.0), (2.0, 4.0)):
+        # Each medium-band divisor pins the original context: 1/f = (1 - s) / factor + s,
+        # s = (orig / wavelen - low) / (high - low).
+        if medium.any() and factor > 1:
+            smooth = (1 / factors[medium] - 1 / factor) / (1 - 1 / factor)
+            origs.add(int(round(float((wavelen[medium] * (smooth * (high - low) + low)).median()))))
+        for orig in sorted(origs):
+            params = {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                      "original_max_position_embeddings": orig}
+            want = inv / _llama3(base, head_dim, params, max_pos)
+            if torch.allclose(want.float(), factors, rtol=1e-4, atol=1e-5):
+                return params
+    return None
 
 
 def _rope_scaling(get) -> dict[str, Any] | None:
