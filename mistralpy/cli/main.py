@@ -1,4 +1,5 @@
-"""`mistralpy` command line: `run` (one-shot or interactive chat), `quantize` (HF checkpoint -> GGUF)."""
+"""`mistralpy` command line: `run` (one-shot or interactive chat), `serve` (OpenAI-compatible HTTP server),
+`quantize` (HF checkpoint -> GGUF)."""
 from __future__ import annotations
 
 import argparse
@@ -83,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-i", "--input", help="one-shot prompt: print the answer and exit")
     run.add_argument("--raw", action="store_true", help="plain completion (no chat template), for base models")
     run.add_argument("--system", help="system prompt for chat")
+    from mistralpy.cli.serve import add_serve_args
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
+                           description="Serve a model over an OpenAI-compatible HTTP API (chat, completions, "
+                                       "models, tokenize, health, Prometheus /metrics, docs at /docs).")
+    add_serve_args(serve)
     from mistralpy.cli.quantize import add_quantize_args
 
     quantize = sub.add_parser("quantize", help="write a Hugging Face checkpoint as a (quantized) GGUF file",
@@ -101,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
             from mistralpy.cli.run import run_command
 
             return run_command(args)
+        if args.command == "serve":
+            from mistralpy.cli.serve import serve_command
+
+            return serve_command(args)
         if args.command == "quantize":
             from mistralpy.cli.quantize import quantize_command
 

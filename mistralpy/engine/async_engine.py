@@ -152,3 +152,29 @@ class AsyncEngine:
             unfinished = [r.request_id for t, reqs in prepared if not t.finished for r in reqs]
             if unfinished:
                 self.engine.loop.abort(unfinished)
+
+    # ---- read-only views for servers (metrics, limits, health) ---------------------------------
+    @property
+    def max_total_tokens(self) -> int:
+        """Longest prompt + output a request may have (context length capped by the KV pool)."""
+        return self.engine.inputs.max_total_tokens
+
+    @property
+    def dead_error(self) -> str | None:
+        """Why the engine loop stopped, or None while it runs."""
+        return self.engine.loop.dead_error
+
+    def metrics_snapshot(self) -> dict[str, float]:
+        """Engine counters and gauges for /metrics. Read from another thread without locking: each
+        value is one int/len read, so a scrape may be a step stale but never inconsistent enough to matter."""
+        core = self.engine.core
+        pool = core.kv.pool
+        sched = core.scheduler
+        return {
+            "steps": core.stats.steps, "prompt_tokens": core.stats.prompt_tokens,
+            "generation_tokens": core.stats.generated_tokens, "finished_requests": core.stats.finished_requests,
+            "running": len(sched.running), "waiting": len(sched.waiting), "preemptions": sched.num_preemptions,
+            "kv_blocks_total": pool.num_blocks, "kv_blocks_free": pool.num_free,
+            "kv_usage": 1.0 - pool.num_free / pool.num_blocks,
+            "prefix_queries": pool.prefix_queries, "prefix_hits": pool.prefix_hits,
+        }

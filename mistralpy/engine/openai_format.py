@@ -100,3 +100,22 @@ def completion_chunk(choice: dict[str, Any] | None, *, model: str, completion_id
     if usage_body is not None:
         body["usage"] = usage_body
     return OpenAIObject(body)
+
+
+def timed_usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int, *, prompt_time_s: float,
+                completion_time_s: float) -> dict[str, Any]:
+    """``usage`` with mistral.rs's timing fields (seconds, tokens per second) added.
+
+    prompt time is the time to the first token; completion time runs from there to the last token."""
+    body = usage(prompt_tokens, completion_tokens, cached_tokens)
+    total = prompt_time_s + completion_time_s
+
+    def rate(n: int, s: float) -> float:
+        return n / s if s > 0 else 0.0
+
+    body.update(total_time_sec=total, total_prompt_time_sec=prompt_time_s,
+                total_completion_time_sec=completion_time_s,
+                avg_tok_per_sec=rate(prompt_tokens + completion_tokens, total),
+                avg_prompt_tok_per_sec=rate(prompt_tokens, prompt_time_s),
+                avg_compl_tok_per_sec=rate(completion_tokens, completion_time_s))
+    return body

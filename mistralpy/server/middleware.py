@@ -112,3 +112,30 @@ class _TooLarge(HTTPException):
     # An HTTPException, so FastAPI's body parsing re-raises it and the error handlers answer 413.
     def __init__(self) -> None:
         super().__init__(413, "request body too large")
+
+
+class RequestMetricsMiddleware:
+    """Count answered requests by endpoint and status for /metrics (unknown paths count as "other",
+    so scanners cannot grow the label set)."""
+
+    def __init__(self, app: ASGIApp, metrics, endpoints: frozenset[str]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.endpoints = endpoints
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        endpoint = scope["path"] if scope["path"] in self.endpoints else "other"
+        status = 500  # if the app dies before answering
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            self.metrics.request_done(endpoint, status)

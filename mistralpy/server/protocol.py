@@ -94,7 +94,7 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[int] | list[str | list[int]]  # one prompt, or a list of texts and/or token lists
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None

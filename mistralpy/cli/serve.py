@@ -1,0 +1,46 @@
+"""`mistralpy serve`: the OpenAI-compatible HTTP server (FastAPI + uvicorn) on one model."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from mistralpy.cli.main import add_model_args, engine_kwargs
+
+log = logging.getLogger(__name__)
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
+    s = p.add_argument_group("server")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    s.add_argument("--port", type=int, default=1234, help="port (default: 1234)")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every API route "
+                                     "(/health, /metrics and the docs stay open)")
+    s.add_argument("--served-model-name", help="model id shown in /v1/models and accepted in requests "
+                                               "(default: the -m value; 'default' is always accepted)")
+    s.add_argument("--cors-origins", nargs="*", default=[], metavar="ORIGIN",
+                   help="allowed CORS origins, e.g. '*' (default: none, CORS off)")
+    s.add_argument("--max-body-mb", type=float, default=16.0, help="request body size limit in MB (default: 16)")
+    s.add_argument("--log-interval", type=float, default=5.0,
+                   help="seconds between throughput log lines while busy (0 = off; default: 5)")
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from mistralpy.engine.async_engine import AsyncEngine
+    from mistralpy.server.app import ServerOptions, create_app
+
+    # The throughput line is the server's heartbeat: show it even without -v.
+    logging.getLogger("mistralpy.server").setLevel(logging.INFO)
+    log.info("loading %s", args.model)
+    engine = AsyncEngine(args.model, **engine_kwargs(args))
+    options = ServerOptions(served_model_name=args.served_model_name, api_key=args.api_key,
+                            cors_origins=tuple(args.cors_origins), max_body_bytes=int(args.max_body_mb * 2**20),
+                            log_interval_s=args.log_interval)
+    app = create_app(engine, options)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    finally:
+        engine.shutdown()
+    return 0

@@ -1,0 +1,69 @@
+"""POST /v1/chat/completions."""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from mistralpy.engine import openai_format as oai
+from mistralpy.engine.outputs import OpenAIObject
+from mistralpy.server.errors import APIError
+from mistralpy.server.generation import (SSE_DONE, Generation, SSEResponse, check_model, error_event,
+                                         prepare_prompt, sse_event, until_disconnect)
+from mistralpy.server.protocol import ChatCompletionRequest
+from mistralpy.server.state import ServerState
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse | SSEResponse:
+    state: ServerState = request.app.state.server
+    check_model(state.model_names, body.model)
+    engine = state.engine
+    params = body.to_sampling_params()
+    messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    text = engine.engine.render_chat(messages, tools=body.tools, add_generation_prompt=body.add_generation_prompt,
+                                     chat_template_kwargs=body.chat_template_kwargs,
+                                     enable_thinking=body.enable_thinking)
+    # The template already wrote BOS where the model wants it.
+    prepared = prepare_prompt(engine, text, params, add_special_tokens=False, truncate=body.truncate_sequence)
+    gen = Generation(engine, state.metrics, [prepared])
+    chat_id, created = oai.new_chat_id(), oai.now()
+    if body.stream:
+        return SSEResponse(_chunks(gen, state.served_name, chat_id, created, body.include_usage))
+    await until_disconnect(request, gen.run())
+    result = oai.chat_completion(prepared[0].snapshot(), model=state.served_name, chat_id=chat_id, created=created)
+    result["usage"] = gen.usage()
+    if gen.error:
+        # Engine failure: 500, with whatever was generated before it.
+        raise APIError(500, gen.error, code="engine_error", extra={"partial": result.model_dump()})
+    return JSONResponse(result.model_dump())
+
+
+async def _chunks(gen: Generation, model: str, chat_id: str, created: int,
+                  include_usage: bool) -> AsyncIterator[str]:
+    seen: set[int] = set()
+    tracker = gen.prepared[0][0]
+    try:
+        async for _, delta in gen.deltas():
+            first = delta.index not in seen
+            seen.add(delta.index)
+            if delta.finish_reason == "error":
+                continue  # reported below as an error event
+            chunk: OpenAIObject = oai.chat_chunk(delta, model=model, chat_id=chat_id, created=created, first=first)
+            yield sse_event(chunk.model_dump())
+    except Exception as exc:  # noqa: BLE001 - the response has started: report in-band
+        yield error_event(exc)
+        yield SSE_DONE
+        return
+    if gen.error:
+        yield error_event(gen.error)
+    elif include_usage:
+        body: dict[str, Any] = oai.usage_chunk(tracker.snapshot(), model=model, chat_id=chat_id,
+                                               created=created).model_dump()
+        body["usage"] = gen.usage()
+        yield sse_event(body)
+    yield SSE_DONE
