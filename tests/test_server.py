@@ -181,13 +181,14 @@ def test_tokenize_round_trip(base):
 
 def test_concurrent_streams_with_cancellation(base):
     async def one(client: openai.AsyncOpenAI, i: int) -> int:
+        cancel = i % 3 == 0  # a client that goes away midway, long before its 200 tokens are done
         stream = await client.chat.completions.create(
-            model=NAME, messages=[{"role": "user", "content": f"story number {i}"}], max_tokens=24,
+            model=NAME, messages=[{"role": "user", "content": f"story number {i}"}], max_tokens=200 if cancel else 24,
             temperature=1.0, seed=i, stream=True, extra_body=dict(ignore_eos=True))
         n = 0
         async for chunk in stream:
             n += sum(1 for c in chunk.choices if c.delta.content is not None)
-            if i % 3 == 0 and n >= 2:  # a client that goes away midway
+            if cancel and n >= 2:
                 await stream.close()
                 return -1
         return n
@@ -209,7 +210,7 @@ def test_concurrent_streams_with_cancellation(base):
         assert time.time() < deadline, "requests still running after every client finished"
         time.sleep(0.1)
     assert m["mistralpy_kv_cache_blocks_free"] == m["mistralpy_kv_cache_blocks_total"]
-    assert m["mistralpy_requests_aborted_total"] >= 6
+    assert m["mistralpy_requests_aborted_total"] >= 6 and m['mistralpy_request_finish_total{reason="abort"}'] >= 6
     assert httpx.get(base + "/health").status_code == 200
 
 
@@ -222,3 +223,47 @@ def test_metrics_text(base, client):
     assert m["mistralpy_time_to_first_token_seconds_count"] >= 1
     assert m['mistralpy_inter_token_latency_seconds_bucket{le="+Inf"}'] == m["mistralpy_inter_token_latency_seconds_count"]
     assert 0 <= m["mistralpy_prefix_cache_hit_rate"] <= 1 and 0 <= m["mistralpy_kv_cache_usage_ratio"] <= 1
+
+
+def test_engine_failure_is_500_with_partial_output_then_recovers(server, client):
+    base, engine = server
+    runner = engine.engine.core.runner
+    real = runner.execute
+    calls = 0
+
+    def flaky(sched):
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise RuntimeError("boom")
+        return real(sched)
+
+    runner.execute = flaky
+    try:
+        with pytest.raises(openai.InternalServerError) as e:
+            _chat(client, max_tokens=10, extra_body=dict(ignore_eos=True))
+        assert "boom" in e.value.message
+        assert e.value.body["code"] == "engine_error"
+        assert e.value.response.json()["partial"]["usage"]["completion_tokens"] == 2
+        calls = 0
+        with pytest.raises(openai.APIError, match="boom"):
+            list(_chat(client, max_tokens=10, stream=True, extra_body=dict(ignore_eos=True)))
+    finally:
+        runner.execute = real
+    assert _chat(client).choices[0].finish_reason in ("stop", "length")
+    assert httpx.get(base + "/health").status_code == 200
+
+
+def test_non_streaming_disconnect_aborts(base):
+    before = parse_metrics(httpx.get(base + "/metrics").text)["mistralpy_requests_aborted_total"]
+    body = {"model": NAME, "prompt": "hi", "max_tokens": MAX_LEN - 8, "ignore_eos": True, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(base + "/v1/completions", json=body, headers={"authorization": f"Bearer {KEY}"}, timeout=0.3)
+    deadline = time.time() + 20
+    while True:
+        m = parse_metrics(httpx.get(base + "/metrics").text)
+        if m["mistralpy_requests_aborted_total"] > before and m["mistralpy_num_requests_running"] == 0:
+            break
+        assert time.time() < deadline, "the request kept running after its client left"
+        time.sleep(0.05)
+    assert m["mistralpy_kv_cache_blocks_free"] == m["mistralpy_kv_cache_blocks_total"]

@@ -68,8 +68,10 @@ class Generation:
             self.metrics.in_flight -= 1
             if self.first_token is not None:
                 self.metrics.e2e.observe((self.last_token or self.first_token) - self.start)
-            if not self.finished:
+            if not self.finished:  # the client went away: its choices end as aborted
                 self.metrics.aborted_requests += 1
+                self.metrics.finish_reasons["abort"] += sum(
+                    1 for t, _ in self.prepared for o in t.outputs if o.finish_reason is None)
 
     def _record(self, k: int, delta: CompletionOutput) -> None:
         now = time.perf_counter()
