@@ -10,8 +10,8 @@ import httpx
 import openai
 import pytest
 import uvicorn
-
 from fixtures_models import build_checkpoint
+
 from mistralpy import AsyncEngine
 from mistralpy.server import ServerOptions, create_app
 
@@ -86,22 +86,22 @@ def test_models_health_docs_request_id(base, client):
 
 def test_chat_and_stream_with_usage(client):
     resp = _chat(client, user="u1", presence_penalty=0.1, frequency_penalty=0.1, logit_bias={"5": 1.0},
-                 extra_body=dict(top_k=20, min_p=0.01, repetition_penalty=1.1, dry_multiplier=0.5,
-                                 ignore_eos=True, enable_thinking=False, chat_template_kwargs={"x": 1}))
+                 extra_body={"top_k": 20, "min_p": 0.01, "repetition_penalty": 1.1, "dry_multiplier": 0.5,
+                                 "ignore_eos": True, "enable_thinking": False, "chat_template_kwargs": {"x": 1}})
     assert resp.model == NAME and resp.choices[0].finish_reason == "length"
     assert resp.usage.completion_tokens == 8 and resp.usage.prompt_tokens > 5
     assert resp.usage.model_extra["avg_compl_tok_per_sec"] >= 0
-    greedy = _chat(client, max_completion_tokens=8, extra_body=dict(ignore_eos=True))
+    greedy = _chat(client, max_completion_tokens=8, extra_body={"ignore_eos": True})
     chunks = list(_chat(client, max_completion_tokens=8, stream=True, stream_options={"include_usage": True},
-                        extra_body=dict(ignore_eos=True)))
+                        extra_body={"ignore_eos": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == greedy.choices[0].message.content
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 8
 
 
 def test_n2_logprobs_and_seed(client):
-    kw = dict(n=2, temperature=1.0, seed=7, logprobs=True, top_logprobs=3, max_tokens=6,
-              extra_body=dict(ignore_eos=True))
+    kw = {"n": 2, "temperature": 1.0, "seed": 7, "logprobs": True, "top_logprobs": 3, "max_tokens": 6,
+              "extra_body": {"ignore_eos": True}}
     a, b = _chat(client, **kw), _chat(client, **kw)
     assert len(a.choices) == 2
     assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
@@ -111,30 +111,30 @@ def test_n2_logprobs_and_seed(client):
 
 
 def test_stop_string(client):
-    full = _chat(client, max_tokens=16, extra_body=dict(ignore_eos=True)).choices[0].message.content
+    full = _chat(client, max_tokens=16, extra_body={"ignore_eos": True}).choices[0].message.content
     stop = full[len(full) // 2: len(full) // 2 + 2]
-    resp = _chat(client, max_tokens=16, stop=[stop], extra_body=dict(ignore_eos=True))
+    resp = _chat(client, max_tokens=16, stop=[stop], extra_body={"ignore_eos": True})
     assert resp.choices[0].finish_reason == "stop"
     assert resp.choices[0].message.content == full[:full.find(stop)]
 
 
 def test_completions(client):
     one = client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=5, temperature=0,
-                                    echo=True, logprobs=2, extra_body=dict(ignore_eos=True))
+                                    echo=True, logprobs=2, extra_body={"ignore_eos": True})
     choice = one.choices[0]
     assert choice.text.startswith("Once upon a time") and len(choice.logprobs.tokens) == 5
     assert choice.logprobs.text_offset[0] == len("Once upon a time")
     many = client.completions.create(model=NAME, prompt=[[5, 6, 7, 8], "hello world"], n=2, max_tokens=4,
-                                     temperature=1.0, seed=1, extra_body=dict(ignore_eos=True))
+                                     temperature=1.0, seed=1, extra_body={"ignore_eos": True})
     assert sorted(c.index for c in many.choices) == [0, 1, 2, 3] and many.usage.completion_tokens == 16
     best = client.completions.create(model=NAME, prompt="abc", n=1, best_of=3, max_tokens=4, temperature=1.0,
-                                     extra_body=dict(ignore_eos=True))
+                                     extra_body={"ignore_eos": True})
     assert len(best.choices) == 1 and best.choices[0].logprobs is None
     chunks = list(client.completions.create(model=NAME, prompt="hello", max_tokens=4, temperature=0, stream=True,
-                                            stream_options={"include_usage": True}, extra_body=dict(ignore_eos=True)))
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     plain = client.completions.create(model=NAME, prompt="hello", max_tokens=4, temperature=0,
-                                      extra_body=dict(ignore_eos=True))
+                                      extra_body={"ignore_eos": True})
     assert text == plain.choices[0].text and chunks[-1].usage.completion_tokens == 4
 
 
@@ -151,7 +151,7 @@ def test_errors(base, client):
         client.completions.create(model=NAME, prompt=long_prompt, max_tokens=4)
     assert e.value.code == "context_length_exceeded"
     cut = client.completions.create(model=NAME, prompt=long_prompt, max_tokens=4,
-                                    extra_body=dict(truncate_sequence=True, ignore_eos=True))
+                                    extra_body={"truncate_sequence": True, "ignore_eos": True})
     assert cut.usage.prompt_tokens == MAX_LEN - 4
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=NAME, prompt="x", suffix="y", max_tokens=2)
@@ -184,7 +184,7 @@ def test_concurrent_streams_with_cancellation(base):
         cancel = i % 3 == 0  # a client that goes away midway, long before its 200 tokens are done
         stream = await client.chat.completions.create(
             model=NAME, messages=[{"role": "user", "content": f"story number {i}"}], max_tokens=200 if cancel else 24,
-            temperature=1.0, seed=i, stream=True, extra_body=dict(ignore_eos=True))
+            temperature=1.0, seed=i, stream=True, extra_body={"ignore_eos": True})
         n = 0
         async for chunk in stream:
             n += sum(1 for c in chunk.choices if c.delta.content is not None)
@@ -241,13 +241,13 @@ def test_engine_failure_is_500_with_partial_output_then_recovers(server, client)
     runner.execute = flaky
     try:
         with pytest.raises(openai.InternalServerError) as e:
-            _chat(client, max_tokens=10, extra_body=dict(ignore_eos=True))
+            _chat(client, max_tokens=10, extra_body={"ignore_eos": True})
         assert "boom" in e.value.message
         assert e.value.body["code"] == "engine_error"
         assert e.value.response.json()["partial"]["usage"]["completion_tokens"] == 2
         calls = 0
         with pytest.raises(openai.APIError, match="boom"):
-            list(_chat(client, max_tokens=10, stream=True, extra_body=dict(ignore_eos=True)))
+            list(_chat(client, max_tokens=10, stream=True, extra_body={"ignore_eos": True}))
     finally:
         runner.execute = real
     assert _chat(client).choices[0].finish_reason in ("stop", "length")

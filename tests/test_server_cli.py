@@ -9,7 +9,6 @@ import time
 
 import httpx
 import openai
-
 from fixtures_models import build_checkpoint
 
 
@@ -18,15 +17,17 @@ def test_serve_command(tmp_path, tokenizer_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log_file = open(tmp_path / "serve.log", "w+")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mistralpy.cli.main", "serve", "-m", str(ckpt), "--port", str(port), "--dtype", "f32",
-         "--num-kv-blocks", "64", "--max-model-len", "256", "--served-model-name", "tiny", "--log-interval", "0.3"],
-        stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log_path = tmp_path / "serve.log"
+    with log_path.open("w") as log_file:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mistralpy.cli.main", "serve", "-m", str(ckpt), "--port", str(port), "--dtype",
+             "f32", "--num-kv-blocks", "64", "--max-model-len", "256", "--served-model-name", "tiny",
+             "--log-interval", "0.3"],
+            stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.time() + 60
         while True:
-            assert proc.poll() is None, open(tmp_path / "serve.log").read()
+            assert proc.poll() is None, log_path.read_text()
             try:
                 if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                     break
@@ -42,5 +43,5 @@ def test_serve_command(tmp_path, tokenizer_dir):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
-    log = open(tmp_path / "serve.log").read()
+    log = log_path.read_text()
     assert "throughput:" in log and "generation" in log, log

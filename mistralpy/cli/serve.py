@@ -31,8 +31,9 @@ def serve_command(args: argparse.Namespace) -> int:
     from mistralpy.engine.async_engine import AsyncEngine
     from mistralpy.server.app import ServerOptions, create_app
 
-    # The throughput line is the server's heartbeat: show it even without -v.
-    logging.getLogger("mistralpy.server").setLevel(logging.INFO)
+    # Loading and the throughput line are the server's heartbeat: show them even without -v.
+    for name in ("mistralpy.server", __name__):
+        logging.getLogger(name).setLevel(logging.INFO)
     log.info("loading %s", args.model)
     engine = AsyncEngine(args.model, **engine_kwargs(args))
     options = ServerOptions(served_model_name=args.served_model_name, api_key=args.api_key,

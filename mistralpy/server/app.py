@@ -17,8 +17,12 @@ from mistralpy.server import chat, completions
 from mistralpy.server.errors import APIError, install_error_handlers
 from mistralpy.server.generation import check_model
 from mistralpy.server.metrics import ServerMetrics, log_throughput
-from mistralpy.server.middleware import (ApiKeyMiddleware, BodySizeLimitMiddleware, RequestIdMiddleware,
-                                         RequestMetricsMiddleware)
+from mistralpy.server.middleware import (
+    ApiKeyMiddleware,
+    BodySizeLimitMiddleware,
+    RequestIdMiddleware,
+    RequestMetricsMiddleware,
+)
 from mistralpy.server.protocol import DetokenizeRequest, ModelCard, TokenizeRequest
 from mistralpy.server.state import ServerState
 

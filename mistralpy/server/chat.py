@@ -10,8 +10,16 @@ from fastapi.responses import JSONResponse
 from mistralpy.engine import openai_format as oai
 from mistralpy.engine.outputs import OpenAIObject
 from mistralpy.server.errors import APIError
-from mistralpy.server.generation import (SSE_DONE, Generation, SSEResponse, check_model, error_event,
-                                         prepare_prompt, sse_event, until_disconnect)
+from mistralpy.server.generation import (
+    SSE_DONE,
+    Generation,
+    SSEResponse,
+    check_model,
+    error_event,
+    prepare_prompt,
+    sse_event,
+    until_disconnect,
+)
 from mistralpy.server.protocol import ChatCompletionRequest
 from mistralpy.server.state import ServerState
 

@@ -12,8 +12,16 @@ from mistralpy.engine.async_engine import AsyncEngine
 from mistralpy.engine.input_processor import Prompt, is_token_ids
 from mistralpy.engine.outputs import CompletionOutput
 from mistralpy.server.errors import APIError
-from mistralpy.server.generation import (SSE_DONE, Generation, SSEResponse, check_model, error_event,
-                                         prepare_prompt, sse_event, until_disconnect)
+from mistralpy.server.generation import (
+    SSE_DONE,
+    Generation,
+    SSEResponse,
+    check_model,
+    error_event,
+    prepare_prompt,
+    sse_event,
+    until_disconnect,
+)
 from mistralpy.server.protocol import CompletionRequest
 from mistralpy.server.state import ServerState
 

@@ -53,13 +53,13 @@ class _SamplingFields(_Body):
     def sampling_params(self, *, logprobs: bool, top_logprobs: int, max_tokens: int | None,
                         n: int | None = None) -> SamplingParams:
         """SamplingParams for this request (raises InvalidRequestError naming a bad field)."""
-        values: dict[str, Any] = dict(
-            n=self.n if n is None else n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
-            min_p=self.min_p, repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty, logit_bias=self.logit_bias, logprobs=logprobs,
-            top_logprobs=top_logprobs, seed=self.seed, stop=self.stop or [], max_tokens=max_tokens,
-            min_tokens=self.min_tokens, ignore_eos=self.ignore_eos, stop_token_ids=self.stop_token_ids or [],
-            skip_special_tokens=self.skip_special_tokens)
+        values: dict[str, Any] = {
+            "n": self.n if n is None else n, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+            "min_p": self.min_p, "repetition_penalty": self.repetition_penalty, "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty, "logit_bias": self.logit_bias, "logprobs": logprobs,
+            "top_logprobs": top_logprobs, "seed": self.seed, "stop": self.stop or [], "max_tokens": max_tokens,
+            "min_tokens": self.min_tokens, "ignore_eos": self.ignore_eos, "stop_token_ids": self.stop_token_ids or [],
+            "skip_special_tokens": self.skip_special_tokens}
         for name in ("dry_multiplier", "dry_base", "dry_allowed_length", "dry_sequence_breakers"):
             if getattr(self, name) is not None:
                 values[name] = getattr(self, name)
