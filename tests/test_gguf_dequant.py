@@ -27,7 +27,10 @@ def _random_raw(qtype: Q, rows: int, cols: int, rng: np.random.Generator) -> np.
         bits = (rng.standard_normal(rows * cols).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
         return bits.view(np.uint8).reshape(rows, -1)
     raw = rng.integers(0, 256, size=(n, ts), dtype=np.uint8)
-    for off in _F16_FIELDS[qtype]:
+    if qtype == Q.Q8_K:  # an f32 scale
+        scale = rng.standard_normal(n) * rng.choice([1e-6, 1e-3, 1.0, 300.0], n)
+        raw[:, :4] = scale.astype(np.float32).view(np.uint8).reshape(n, 4)
+    for off in _F16_FIELDS.get(qtype, ()):
         # Scales over several magnitudes, signs and subnormals included.
         scale = rng.standard_normal(n) * rng.choice([1e-6, 1e-3, 1.0, 300.0], n)
         raw[:, off:off + 2] = scale.astype(np.float16).view(np.uint8).reshape(n, 2)
@@ -36,7 +39,7 @@ def _random_raw(qtype: Q, rows: int, cols: int, rng: np.random.Generator) -> np.
 
 def test_tables_cover_the_issue_types():
     want = {Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K,
-            Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS}
+            Q.Q6_K, Q.IQ4_NL, Q.IQ4_XS, Q.Q8_K}
     assert SUPPORTED_TYPES == want
     from gguf.constants import GGML_QUANT_SIZES
 
@@ -47,7 +50,7 @@ def test_tables_cover_the_issue_types():
         nbytes(Q.Q4_K, (3, 100))
 
 
-@pytest.mark.parametrize("qtype", sorted(SUPPORTED_TYPES, key=int), ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", sorted(SUPPORTED_TYPES - {Q.Q8_K}, key=int), ids=lambda q: q.name)
 def test_bit_exact_against_gguf_on_random_blocks(qtype):
     rng = np.random.default_rng(int(qtype))
     bs = block_size(qtype)
@@ -57,6 +60,18 @@ def test_bit_exact_against_gguf_on_random_blocks(qtype):
     got = dequantize(torch.from_numpy(raw.copy()), qtype, (rows, cols))
     assert got.dtype == torch.float32 and tuple(got.shape) == ref.shape == (rows, cols)
     assert np.array_equal(got.numpy().view(np.uint32), ref.view(np.uint32))
+
+
+def test_q8_k_by_construction():
+    """gguf.quants has no Q8_K: ggml's dequantize_row_q8_K is y = d * q (f32 d, int8 q), per 256 values."""
+    rng = np.random.default_rng(11)
+    raw = _random_raw(Q.Q8_K, 3, 512, rng)
+    blocks = raw.reshape(-1, 292)
+    d = blocks[:, :4].copy().view(np.float32)
+    q = blocks[:, 4:260].copy().view(np.int8).astype(np.float32)
+    want = (d * q).reshape(3, 512)
+    got = dequantize(torch.from_numpy(raw.copy()), Q.Q8_K, (3, 512))
+    assert np.array_equal(got.numpy().view(np.uint32), want.view(np.uint32))
 
 
 def test_chunked_path_and_errors(monkeypatch):

@@ -6,7 +6,9 @@ Every quantized ggml type stores a row as consecutive blocks of `type_size` byte
 f16 scales widened to f32 first). This is the readable reference that fast quantized matmuls are
 tested against; it runs on any device the input lives on.
 
-Layouts follow ggml-common.h (QK_K = 256 for the K- and IQ4_XS super-blocks).
+Layouts follow ggml-common.h (QK_K = 256 for the K- and IQ4_XS super-blocks). Q8_K (ggml's
+activation format, an ISQ type of mistral.rs) is not in `gguf.quants`; its dequantization is
+ggml's `dequantize_row_q8_K`, ``d * q`` in float32, exact by construction (tests/test_gguf_dequant.py).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ BLOCK_SIZES: dict[Q, tuple[int, int]] = {
     Q.Q6_K: (QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + 2),
     Q.IQ4_NL: (32, 2 + 16),
     Q.IQ4_XS: (QK_K, 2 + 2 + QK_K // 64 + QK_K // 2),
+    Q.Q8_K: (QK_K, 4 + QK_K + QK_K // 8),   # f32 d, 256 int8, 16 int16 block sums
 }
 
 # The non-linear 4-bit codebook of IQ4_NL / IQ4_XS (kvalues_iq4nl in ggml).
@@ -213,10 +216,16 @@ def _iq4_xs(b: torch.Tensor) -> torch.Tensor:
     return (dl * q).reshape(n, QK_K)
 
 
+def _q8_k(b: torch.Tensor) -> torch.Tensor:
+    # dequantize_row_q8_K: y = d * q with an f32 d (the block sums only serve ggml's dot products).
+    d = b[:, :4].contiguous().view(torch.float32)
+    return d * b[:, 4:4 + QK_K].contiguous().view(torch.int8).to(torch.float32)
+
+
 _BLOCK_DEQUANT: dict[Q, Callable[[torch.Tensor], torch.Tensor]] = {
     Q.Q4_0: _q4_0, Q.Q4_1: _q4_1, Q.Q5_0: _q5_0, Q.Q5_1: _q5_1, Q.Q8_0: _q8_0,
     Q.Q2_K: _q2_k, Q.Q3_K: _q3_k, Q.Q4_K: _q4_k, Q.Q5_K: _q5_k, Q.Q6_K: _q6_k,
-    Q.IQ4_NL: _iq4_nl, Q.IQ4_XS: _iq4_xs,
+    Q.IQ4_NL: _iq4_nl, Q.IQ4_XS: _iq4_xs, Q.Q8_K: _q8_k,
 }
 SUPPORTED_TYPES: frozenset[Q] = frozenset(BLOCK_SIZES)
 

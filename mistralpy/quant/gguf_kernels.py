@@ -5,7 +5,9 @@ ISQ) tensor into a callable ``x [M, in] -> [M, out]`` holding no float copy of t
 
 - **CPU, every quantized type**: the blocks are re-encoded *exactly* as 4-bit planes with group-32
   scales and zeros (``gguf_kernels_encode``; bytes held per weight: 0.5 + 0.125 for Q4_0/Q4_1/Q4_K,
-  1 + 0.25 for Q5_*, Q8_0, IQ4_*, Q6_K and the 16-value sub-block types Q2_K/Q3_K).
+  1 + 0.25 for Q5_*, Q8_0, Q8_K, IQ4_*, Q6_K and the 16-value sub-block types Q2_K/Q3_K).
+  ``Int4PlaneKernel`` takes any exact plane encoding and group size: ISQ's HQQ4/HQQ8 use it with
+  groups of 64 (``quant/hqq.py``).
   - bfloat16, M < ``_DENSE_MIN_ROWS`` (128): torch's int4 CPU kernel
     ``aten._weight_int4pack_mm_for_cpu``, which computes ``(q - 8) * scale + zero`` (checked by
     experiment; group sizes 32..256, N a multiple of 16: rows are padded to 64). It only takes bf16
@@ -45,6 +47,7 @@ memory. Prefill-sized M is ~2x slower than dense bf16 (the expansion costs ~1 ns
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Protocol
 
 import gguf
@@ -54,9 +57,9 @@ from gguf import GGMLQuantizationType as Q
 
 from mistralpy.layers.matmul import can_prepack, linear, prepack
 from mistralpy.quant.gguf_dequant import BLOCK_SIZES, dequantize
-from mistralpy.quant.gguf_kernels_encode import GROUP, PLANE_TYPES, encode_planes
+from mistralpy.quant.gguf_kernels_encode import GROUP, PLANE_TYPES, Planes, encode_planes
 
-__all__ = ["GGUFKernel", "make_gguf_kernel", "dequantize_kernel_weight"]
+__all__ = ["GGUFKernel", "Int4PlaneKernel", "make_gguf_kernel", "dequantize_kernel_weight", "chunk_rows"]
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +84,7 @@ def _tensor_bytes(*ts: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
-def _chunk_rows(k: int, align: int = 1) -> int:
+def chunk_rows(k: int, align: int = 1) -> int:
     rows = max(align, _CHUNK_ELEMS // max(k, 1))
     return rows - rows % align
 
@@ -89,27 +92,38 @@ def _chunk_rows(k: int, align: int = 1) -> int:
 class Int4PlaneKernel:
     """CPU: exact int4 planes run by aten._weight_int4pack_mm_for_cpu (bf16) or expanded (f32)."""
 
-    def __init__(self, raw: torch.Tensor, qtype: Q, out_features: int, in_features: int, dtype: torch.dtype):
+    def __init__(self, planes: Iterable[Planes], qtype, out_features: int, in_features: int, dtype: torch.dtype,
+                 group: int = GROUP):
+        """`planes`: the weight's int4 planes in consecutive chunks of rows (each a multiple of 64 rows
+        but the last); `group`: values per scale/zero group (32 for GGUF, 64 for HQQ)."""
         self.qtype, self.out_features, self.in_features, self.dtype = qtype, out_features, in_features, dtype
+        self.group = group
         self.padded = -(-out_features // _PACK_ROWS) * _PACK_ROWS
         packs, szs = [], []
-        for start in range(0, out_features, _ENCODE_ROWS):
-            planes = encode_planes(raw[start:start + _ENCODE_ROWS], qtype, in_features)
-            nib, sz = planes.nib, torch.stack((planes.scale, planes.zero), dim=-1)
+        self.fold = None
+        for p in planes:
+            nib, sz = p.nib, torch.stack((p.scale, p.zero), dim=-1)
             short = (-nib.shape[0]) % _PACK_ROWS  # only the last chunk can be short
             if short:
                 nib = F.pad(nib, (0, 0, 0, short), value=8)
                 sz = F.pad(sz, (0, 0, 0, 0, 0, short))
             packs.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(nib.to(torch.int32), 2))
             szs.append(sz.to(dtype))
-            self.fold = planes.fold
+            self.fold = p.fold
         self.packed = torch.cat(packs)                                   # uint8 [N', K'/2]
-        self.sz = torch.cat(szs).transpose(0, 1).contiguous()            # [K'/32, N', 2]
+        self.sz = torch.cat(szs).transpose(0, 1).contiguous()            # [K'/group, N', 2]
         self.k_ext = self.packed.shape[1] * 2
         # The common decode call (2-D contiguous bf16, few rows) skips the general checks.
         self._int4_rows = _DENSE_MIN_ROWS if dtype == torch.bfloat16 else 0
         hi = self.fold[2] if self.fold is not None else 0.0
         self._hi_mult = torch.tensor([1.0, hi], dtype=dtype).reshape(1, 1, 2, 1)
+
+    @classmethod
+    def from_gguf(cls, raw: torch.Tensor, qtype: Q, out_features: int, in_features: int,
+                  dtype: torch.dtype) -> Int4PlaneKernel:
+        chunks = (encode_planes(raw[s:s + _ENCODE_ROWS], qtype, in_features)
+                  for s in range(0, out_features, _ENCODE_ROWS))
+        return cls(chunks, qtype, out_features, in_features, dtype)
 
     def nbytes(self) -> int:
         return _tensor_bytes(self.packed, self.sz)
@@ -131,7 +145,7 @@ class Int4PlaneKernel:
         """Rows [start, stop) (multiples of 64) of W [rows, K] in `dtype`, planes folded back."""
         rows = stop - start
         b = self.packed[start:stop].reshape(-1, self.k_ext, _PACK_ROWS // 2)   # [rows/64, K', 32 bytes]
-        q = torch.cat((b & 0x0F, b >> 4), dim=2).transpose(1, 2).reshape(rows, -1, GROUP)
+        q = torch.cat((b & 0x0F, b >> 4), dim=2).transpose(1, 2).reshape(rows, -1, self.group)
         sz = self.sz[:, start:stop].float()                                   # [K'/32, rows, 2]
         # float32 in place: several times faster than bf16 elementwise ops on CPU.
         w = q.to(torch.float32).sub_(8).mul_(sz[..., 0].t().unsqueeze(-1)).add_(sz[..., 1].t().unsqueeze(-1))
@@ -146,7 +160,7 @@ class Int4PlaneKernel:
 
     def _expanded_matmul(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.empty(x.shape[0], self.padded, dtype=x.dtype)
-        step = _chunk_rows(self.k_ext, _PACK_ROWS)
+        step = chunk_rows(self.k_ext, _PACK_ROWS)
         for start in range(0, self.padded, step):
             stop = min(start + step, self.padded)
             out[:, start:stop] = F.linear(x, self.expand(start, stop, self.dtype))
@@ -155,14 +169,14 @@ class Int4PlaneKernel:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and x.shape[0] < self._int4_rows and x.dtype == torch.bfloat16 and x.is_contiguous() \
                 and x.shape[0] > 0:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(self._extend(x), self.packed, GROUP, self.sz)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(self._extend(x), self.packed, self.group, self.sz)
             return y if self.padded == self.out_features else y[:, :self.out_features].contiguous()
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(self.dtype).contiguous()
         if x2.shape[0] == 0:
             y = x2.new_empty(0, self.padded)
         elif self.dtype == torch.bfloat16 and x2.shape[0] < _DENSE_MIN_ROWS:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(self._extend(x2), self.packed, GROUP, self.sz)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(self._extend(x2), self.packed, self.group, self.sz)
         else:
             y = self._expanded_matmul(x2)
         if self.padded != self.out_features:
@@ -171,7 +185,7 @@ class Int4PlaneKernel:
 
     def dequantized(self) -> torch.Tensor:
         """W [N, K] in float32, as the expanded path multiplies by it."""
-        step = _chunk_rows(self.k_ext, _PACK_ROWS)
+        step = chunk_rows(self.k_ext, _PACK_ROWS)
         w = torch.cat([self.expand(s, min(s + step, self.padded)) for s in range(0, self.padded, step)])
         return w[:self.out_features]
 
@@ -193,7 +207,7 @@ class RawDequantKernel:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         out = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype, device=x.device)
-        step = _chunk_rows(self.in_features)
+        step = chunk_rows(self.in_features)
         for start in range(0, self.out_features, step):
             stop = min(start + step, self.out_features)
             out[:, start:stop] = F.linear(x2, self.rows(start, stop).to(x.dtype))
@@ -249,7 +263,7 @@ def make_gguf_kernel(raw: torch.Tensor, qtype: Q, out_features: int, in_features
         return FloatKernel(raw, qtype, out_features, in_features, dtype, device)
     if _int4_ok(qtype, in_features, dtype, device):
         try:
-            return Int4PlaneKernel(raw.cpu(), qtype, out_features, in_features, dtype)
+            return Int4PlaneKernel.from_gguf(raw.cpu(), qtype, out_features, in_features, dtype)
         except RuntimeError as exc:  # a torch build whose int4 op rejects the shape: stay generic
             log.warning("int4 kernel unavailable for %s [%d, %d]: %s", qtype.name, out_features, in_features, exc)
     return RawDequantKernel(raw.to(device), qtype, out_features, in_features, dtype)

@@ -7,7 +7,7 @@ read the activations through a gather ``x' = x_ext[:, idx] * mult`` (``x_ext`` =
 column for padding; ``mult`` is 1 or a power of two, so the gather is exact in any float dtype):
 
 - 4-bit affine types (Q4_0, Q4_1, Q4_K): one plane, K' = K.
-- 5- and 8-bit types and the IQ4 codebook (Q5_0, Q5_1, Q5_K, Q8_0, IQ4_NL, IQ4_XS): the integer is
+- 5- and 8-bit types and the IQ4 codebook (Q5_0, Q5_1, Q5_K, Q8_0, Q8_K, IQ4_NL, IQ4_XS): the integer is
   split as ``16 * hi + lo``, a low plane and a high plane of 32-groups (scale s and 16 s), K' = 2K.
 - Q6_K (16-value sub-blocks, q = lo + 16 hi with 2-bit hi): each sub-block becomes one group of 32
   holding its 16 low nibbles and 16 nibbles ``2 hi + 5`` read through x * 8, which puts the -32
@@ -136,6 +136,13 @@ def _enc_q8_0(b: torch.Tensor) -> _Enc:
     return _two_planes(q, _f16(b[:, :2]))
 
 
+def _enc_q8_k(b: torch.Tensor) -> _Enc:
+    n = b.shape[0]
+    d = b[:, :4].contiguous().view(torch.float32)   # one f32 scale for the 8 sub-blocks of 32
+    q = b[:, 4:260].contiguous().view(torch.int8).reshape(n, 8, GROUP)
+    return _two_planes(q, d.expand(n, 8))
+
+
 def _enc_iq4_nl(b: torch.Tensor) -> _Enc:
     table = torch.tensor(IQ4NL_VALUES, dtype=torch.int16, device=b.device)
     v = table[_nibbles(b[:, 2:], 16).long()].reshape(-1, 1, GROUP)
@@ -213,7 +220,7 @@ def _enc_q3_k(b: torch.Tensor) -> _Enc:
 _ENCODERS = {
     Q.Q4_0: (_enc_q4_0, _plain(32)), Q.Q4_1: (_enc_q4_1, _plain(32)), Q.Q4_K: (_enc_q4_k, _plain(256)),
     Q.Q5_0: (_enc_q5_0, _split(32)), Q.Q5_1: (_enc_q5_1, _split(32)), Q.Q5_K: (_enc_q5_k, _split(256)),
-    Q.Q8_0: (_enc_q8_0, _split(32)), Q.IQ4_NL: (_enc_iq4_nl, _split(32)), Q.IQ4_XS: (_enc_iq4_xs, _split(256)),
+    Q.Q8_0: (_enc_q8_0, _split(32)), Q.Q8_K: (_enc_q8_k, _split(256)), Q.IQ4_NL: (_enc_iq4_nl, _split(32)), Q.IQ4_XS: (_enc_iq4_xs, _split(256)),
     Q.Q6_K: (_enc_q6_k, _q6k_layout()), Q.Q2_K: (_enc_q2_k, _padded16()), Q.Q3_K: (_enc_q3_k, _padded16()),
 }
 PLANE_TYPES: frozenset[Q] = frozenset(_ENCODERS)

@@ -5,7 +5,8 @@ would hold for it, so a loader can quantize Hugging Face weights at load time an
 matmul paths (`gguf_dequant.dequantize` reads the bytes back).
 
 - Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 are bit-exact with `gguf.quants.quantize` (itself bit-exact with
-  ggml's reference quantizers).
+  ggml's reference quantizers). Q8_K (not in `gguf.quants`) follows ggml's quantize_row_q8_K_ref
+  operation for operation (tested against a scalar port of it).
 - Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS follow llama.cpp's reference quantizers without an
   importance matrix (see `gguf_quantize_kquants`); on random weights most blocks come out byte-for-
   byte as llama.cpp's `llama_model_quantize` writes them, the rest differ only where two scale
@@ -13,7 +14,7 @@ matmul paths (`gguf_dequant.dequantize` reads the bytes back).
 
 Round-trip error (RMS of dequantize(quantize(w)) - w over RMS of w) on Gaussian weights, measured
 on a 256 x 4096 matrix; the tests bound it at about 5% above these:
-Q8_0 0.54%, Q6_K 1.77%, Q5_K 3.61%, Q5_1 3.79%, Q5_0 4.27%, Q4_K 7.14%, IQ4_NL 7.6%, IQ4_XS 7.7%,
+Q8_0 0.54%, Q8_K 0.70%, Q6_K 1.77%, Q5_K 3.61%, Q5_1 3.79%, Q5_0 4.27%, Q4_K 7.14%, IQ4_NL 7.6%, IQ4_XS 7.7%,
 Q4_1 7.82%, Q4_0 8.59%, Q3_K 15.1%, Q2_K 29.6%. (Real weights, heavier-tailed, are similar.)
 
 Speed, one thread of this 2-core CPU: legacy types 130-380 Mparam/s, the searching types 6-14
@@ -98,6 +99,21 @@ def _encode_q5_1(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((kq.f16_bytes(d), kq.f16_bytes(lo), _q5_high_bytes(q), kq.pack_nibbles(q & 0xF, 16)), dim=1)
 
 
+def _encode_q8_k(x: torch.Tensor) -> torch.Tensor:
+    """ggml's quantize_row_q8_K_ref: iscale = -127 / (signed absmax), q = min(127, nearest(iscale x)),
+    d = 1 / iscale (f32), block sums per 16 values; an all-zero block is d = 0, q = 0."""
+    n = x.shape[0]
+    amax, vmax = kq.signed_absmax(x)
+    zero = amax == 0
+    # A true division (a Python scalar over a tensor is reciprocal-then-multiply: two roundings).
+    iscale = torch.where(zero, torch.zeros_like(vmax), torch.full_like(vmax, -127.0).div_(vmax)).unsqueeze(1)
+    # torch.round is half-to-even, as nearest_int's 1.5 * 2^23 trick.
+    q = torch.round(x * iscale).clamp_(max=127).to(torch.int8)
+    d = torch.where(zero, torch.zeros_like(vmax), 1 / iscale.squeeze(1)).reshape(n, 1)
+    bsums = q.reshape(n, 16, 16).sum(dim=2, dtype=torch.int32).to(torch.int16)
+    return torch.cat((d.view(torch.uint8), q.view(torch.uint8), bsums.view(torch.uint8)), dim=1)
+
+
 # ---------------------------------------------------------------------------------- dispatch
 # qtype -> (block encoder, float values per chunk). Q6_K and the IQ4 types hold all ~20 scale
 # candidates at once ([groups, candidates, values]): their chunks are smaller so that stays in cache.
@@ -107,6 +123,7 @@ _ENCODERS: dict[Q, tuple[Callable[[torch.Tensor], torch.Tensor], int]] = {
     Q.Q5_0: (_encode_q5_0, 1 << 18),
     Q.Q5_1: (_encode_q5_1, 1 << 18),
     Q.Q8_0: (_encode_q8_0, 1 << 18),
+    Q.Q8_K: (_encode_q8_k, 1 << 18),
     Q.Q2_K: (kq.encode_q2_k, 1 << 18),
     Q.Q3_K: (kq.encode_q3_k, 1 << 18),
     Q.Q4_K: (kq.encode_q4_k, 1 << 18),
