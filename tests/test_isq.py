@@ -15,8 +15,10 @@ from mistralpy.quant.isq import parse_isq, type_for_width
 IDS = list(range(100, 140))
 
 # Max |logit - float logit| allowed per type on the tiny random model (logits span ~+-1.5).
-# Measured: Q8_0 0.02, Q6K 0.07, Q5K 0.14, Q4K 0.24, Q4_0 0.30, IQ4_XS 0.28, Q3K 0.46, Q2K 0.95.
-BOUNDS = {"Q8_0": 0.05, "Q6K": 0.15, "Q5K": 0.3, "Q4K": 0.45, "Q4_0": 0.5, "IQ4_XS": 0.5, "Q3K": 0.8, "Q2K": 1.6}
+# Measured: Q8_0 0.02, Q8K 0.023, HQQ8 0.020, FP8 0.086, HQQ4 0.30, Q6K 0.07, Q5K 0.14, Q4K 0.24,
+# Q4_0 0.30, IQ4_XS 0.28, Q3K 0.46, Q2K 0.95.
+BOUNDS = {"Q8K": 0.05, "HQQ8": 0.05, "FP8": 0.2, "HQQ4": 0.5, "Q8_0": 0.05,
+          "Q6K": 0.15, "Q5K": 0.3, "Q4K": 0.45, "Q4_0": 0.5, "IQ4_XS": 0.5, "Q3K": 0.8, "Q2K": 1.6}
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +38,9 @@ def test_names_and_shorthand():
     assert parse_isq("Q8_0") == Q.Q8_0
     assert parse_isq(4) == Q.Q4_K and parse_isq("8") == Q.Q8_0 and parse_isq("2") == Q.Q2_K
     assert parse_isq(None) is None
+    assert parse_isq("Q8K") == Q.Q8_K and parse_isq("HQQ4").name == "HQQ4" and parse_isq("F8E4M3").name == "FP8"
     with pytest.raises(InvalidRequestError, match="not supported yet"):
-        parse_isq("HQQ4")
+        parse_isq("AFQ4")
     with pytest.raises(InvalidRequestError, match="unknown ISQ type"):
         parse_isq("Q7K")
 

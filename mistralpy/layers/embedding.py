@@ -16,7 +16,7 @@ from mistralpy.layers.linear import Kernel, make_kernel
 from mistralpy.layers.matmul import linear
 from mistralpy.quant.gguf_dequant import dequantize
 from mistralpy.quant.gguf_tensor import GGUFTensor
-from mistralpy.quant.isq import quantize_tensor
+from mistralpy.quant.isq import QuantizedWeight, quantize_tensor
 
 
 class VocabEmbedding(nn.Module):
@@ -73,6 +73,9 @@ class LMHead(nn.Module):
                                  f"{tuple(param.shape)}")
         if self.isq is not None and not isinstance(loaded, GGUFTensor):
             loaded = quantize_tensor(loaded, self.isq)
+        if isinstance(loaded, QuantizedWeight):
+            self._use_kernel(loaded.make_kernel(param.dtype, param.device))
+            return
         if isinstance(loaded, GGUFTensor):
             if loaded.is_quantized:
                 self._use_kernel(make_kernel(loaded, param.dtype, param.device))

@@ -12,7 +12,9 @@ the layer drops its float parameter and multiplies with a quantized kernel
 (``quant/gguf_kernels.py``) over the raw blocks. Merged shards of one block type are joined row-wise
 into one kernel (block rows are independent); mixed types (Q4_K_M files keep attn_v in Q6_K) get
 one kernel per shard, their outputs concatenated. ISQ (``isq`` set before loading) encodes float
-checkpoint tensors into a GGUF block type on the way in and then takes the same path.
+checkpoint tensors into a GGUF block type on the way in and then takes the same path; the non-GGUF
+ISQ types (HQQ4/HQQ8, FP8: ``isq.QuantizedWeight``) build their own kernel (``make_kernel``), merged
+shards joined row-wise (``cat``) as GGUF ones are.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from torch import nn
 from mistralpy.errors import ModelLoadError
 from mistralpy.layers.matmul import linear
 from mistralpy.quant.gguf_tensor import GGUFTensor
-from mistralpy.quant.isq import quantize_tensor
+from mistralpy.quant.isq import IsqType, QuantizedWeight, quantize_tensor
 
 Kernel = Callable[[torch.Tensor], torch.Tensor]
 
@@ -58,6 +60,15 @@ def make_kernel(t: GGUFTensor, dtype: torch.dtype, device: torch.device) -> Kern
     return make_gguf_kernel(rows, t.qtype, out_features, in_features, dtype=dtype, device=device)
 
 
+def _shard_kernel(s: GGUFTensor | QuantizedWeight, dtype: torch.dtype, device: torch.device) -> Kernel:
+    if isinstance(s, QuantizedWeight):
+        return s.make_kernel(dtype, device)
+    if s.is_float:  # a float shard beside quantized ones (mixed formats)
+        from mistralpy.quant.gguf_kernels import make_gguf_kernel
+        return make_gguf_kernel(s.rows(), s.qtype, s.shape[0], s.shape[1], dtype=dtype, device=device)
+    return make_kernel(s, dtype, device)
+
+
 class ConcatKernel:
     """Kernels of consecutive output ranges applied to the same input, outputs side by side."""
 
@@ -83,13 +94,16 @@ class Linear(nn.Module):
         self.weight = _param(out_features, in_features, loader=self._load_weight)
         self.bias = _param(out_features) if bias else None
         self.qkernel: Kernel | None = None  # set when the weight stays quantized
-        self.isq: Q | None = None  # set before loading: quantize float checkpoint tensors to this type
+        self.isq: Q | IsqType | None = None  # set before loading: quantize float checkpoint tensors to this type
 
     def _load_weight(self, param: nn.Parameter, loaded: torch.Tensor | GGUFTensor, shard: int | None = None) -> None:
         if _shape_of(loaded) != (self.out_features, self.in_features):
             raise ModelLoadError(f"checkpoint shape {_shape_of(loaded)} does not match "
                                  f"[{self.out_features}, {self.in_features}]")
         loaded = self._maybe_isq(loaded)
+        if isinstance(loaded, QuantizedWeight):
+            self.use_kernel(loaded.make_kernel(param.dtype, param.device))
+            return
         if isinstance(loaded, GGUFTensor):
             if loaded.is_quantized:
                 self.use_kernel(make_kernel(loaded, param.dtype, param.device))
@@ -97,7 +111,7 @@ class Linear(nn.Module):
             loaded = loaded.to_float(param.dtype)
         param.data.copy_(loaded)
 
-    def _maybe_isq(self, loaded: torch.Tensor | GGUFTensor) -> torch.Tensor | GGUFTensor:
+    def _maybe_isq(self, loaded: torch.Tensor | GGUFTensor) -> torch.Tensor | GGUFTensor | QuantizedWeight:
         if self.isq is None or isinstance(loaded, GGUFTensor):
             return loaded
         return quantize_tensor(loaded, self.isq)
@@ -122,7 +136,7 @@ class MergedLinear(Linear):
         super().__init__(in_features, sum(shard_sizes), bias)
         self.shard_sizes = list(shard_sizes)
         self.shard_offsets = [sum(self.shard_sizes[:i]) for i in range(len(self.shard_sizes))]
-        self._gguf_shards: dict[int, GGUFTensor] = {}
+        self._gguf_shards: dict[int, GGUFTensor | QuantizedWeight] = {}
         if self.bias is not None:
             self.bias.weight_loader = self._load_bias
 
@@ -139,7 +153,7 @@ class MergedLinear(Linear):
         if _shape_of(loaded)[1] != self.in_features:
             raise ModelLoadError(f"shard {shard} expects {self.in_features} columns, got {_shape_of(loaded)}")
         loaded = self._maybe_isq(loaded)
-        if isinstance(loaded, GGUFTensor):
+        if isinstance(loaded, (GGUFTensor, QuantizedWeight)):
             # Held until every shard is in: only then is the kernel layout known.
             self._gguf_shards[shard] = loaded
             if len(self._gguf_shards) == len(self.shard_sizes):
@@ -150,11 +164,18 @@ class MergedLinear(Linear):
     def _build_from_gguf(self, param: nn.Parameter) -> None:
         shards = [self._gguf_shards[i] for i in range(len(self.shard_sizes))]
         self._gguf_shards = {}
+        dtype, device = param.dtype, param.device
+        if any(isinstance(s, QuantizedWeight) for s in shards):
+            kinds = {(type(s), getattr(s, "qtype", None)) for s in shards}
+            if len(kinds) == 1:  # one format: rows are independent, join them into one kernel
+                self.use_kernel(type(shards[0]).cat(shards).make_kernel(dtype, device))
+            else:
+                self.use_kernel(ConcatKernel([_shard_kernel(s, dtype, device) for s in shards]))
+            return
         if all(s.is_float for s in shards):
             for s, start, size in zip(shards, self.shard_offsets, self.shard_sizes):
                 param.data[start:start + size].copy_(s.to_float(param.dtype))
             return
-        dtype, device = param.dtype, param.device
         if len({s.qtype for s in shards}) == 1:
             joined = GGUFTensor(torch.cat([s.rows() for s in shards]), shards[0].qtype,
                                 (self.out_features, self.in_features))

@@ -59,7 +59,7 @@ from mistralpy.layers.matmul import can_prepack, linear, prepack
 from mistralpy.quant.gguf_dequant import BLOCK_SIZES, dequantize
 from mistralpy.quant.gguf_kernels_encode import GROUP, PLANE_TYPES, Planes, encode_planes
 
-__all__ = ["GGUFKernel", "Int4PlaneKernel", "make_gguf_kernel", "dequantize_kernel_weight", "chunk_rows"]
+__all__ = ["GGUFKernel", "Int4PlaneKernel", "chunk_rows", "dequantize_kernel_weight", "make_gguf_kernel"]
 
 log = logging.getLogger(__name__)
 

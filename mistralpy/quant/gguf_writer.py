@@ -75,6 +75,13 @@ def parse_export_type(name: str) -> Q:
         return FLOAT_TYPES[key]
     qtype = parse_isq(name)
     assert qtype is not None
+    if not isinstance(qtype, Q):  # HQQ4 / HQQ8 / FP8
+        raise InvalidRequestError(f"{qtype.name} is an ISQ type with its own storage, not a GGUF block format: "
+                                  "it cannot be written to a GGUF file (use it with --isq when loading, or "
+                                  "export a GGUF type such as Q4K or Q8_0)", "isq")
+    if qtype == Q.Q8_K:
+        raise InvalidRequestError("Q8K (ggml's Q8_K) is an activation format llama.cpp cannot multiply weights "
+                                  "with: export Q8_0 instead", "isq")
     return qtype
 
 
