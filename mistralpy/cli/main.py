@@ -25,8 +25,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "f16", "f32"],
                    help="weights/activations dtype; auto never picks f16 on CPU (default: auto)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
-    g.add_argument("--isq", help="quantize while loading: Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2K Q3K Q4K Q5K Q6K IQ4_NL "
-                                 "IQ4_XS, or bits 2/3/4/5/6/8 (-> Q2K..Q6K, Q8_0)")
+    g.add_argument("--isq", help="quantize while loading: Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2K Q3K Q4K Q5K Q6K Q8K IQ4_NL "
+                                 "IQ4_XS HQQ4 HQQ8 FP8, or bits 2/3/4/5/6/8 (-> Q2K..Q6K, Q8_0)")
     g.add_argument("--topology", help="YAML file of per-layer ISQ types: layer ranges 'A-B' or /regex/ over "
                                       "layer names -> {isq: TYPE | none}")
     e = p.add_argument_group("engine")
