@@ -17,6 +17,9 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from mistralpy.engine.async_engine import AsyncEngine
     from mistralpy.engine.llm_engine import Engine
+    from mistralpy.compat import (Architecture, ChatCompletionRequest, CompletionRequest, DiffusionArchitecture,
+                                  IsqOrganization, ModelDType, Runner, UnsupportedModelKindError,
+                                  VisionArchitecture, Which)
     from mistralpy.engine.outputs import CompletionOutput, LogprobEntry, RequestOutput
 
 _LAZY = {
@@ -25,6 +28,10 @@ _LAZY = {
     "RequestOutput": "mistralpy.engine.outputs",
     "CompletionOutput": "mistralpy.engine.outputs",
     "LogprobEntry": "mistralpy.engine.outputs",
+    # mistral.rs's Python API (mistralpy/compat/)
+    **{name: "mistralpy.compat" for name in ("Runner", "Which", "ChatCompletionRequest", "CompletionRequest",
+                                             "Architecture", "VisionArchitecture", "DiffusionArchitecture",
+                                             "ModelDType", "IsqOrganization", "UnsupportedModelKindError")},
 }
 
 
@@ -39,4 +46,6 @@ def __getattr__(name: str):
 
 __all__ = ["Engine", "AsyncEngine", "SamplingParams", "RequestOutput", "CompletionOutput", "LogprobEntry",
            "MistralPyError", "InvalidRequestError", "PromptTooLongError", "ModelLoadError",
-           "UnsupportedArchitectureError", "ChatTemplateError", "EngineDeadError"]
+           "UnsupportedArchitectureError", "ChatTemplateError", "EngineDeadError",
+           "Runner", "Which", "ChatCompletionRequest", "CompletionRequest", "Architecture", "VisionArchitecture",
+           "DiffusionArchitecture", "ModelDType", "IsqOrganization", "UnsupportedModelKindError"]
