@@ -66,6 +66,8 @@ class TorchRefBackend:
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, md: TorchRefMetadata, spec: AttentionSpec) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # worker/compile.py compiles decode-only steps
+            return _traced_decode(q, k, v, k_cache, v_cache, md, spec)
         num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
         flat_k = k_cache.view(-1, num_kv_heads, head_dim)
         flat_v = v_cache.view(-1, num_kv_heads, head_dim)
@@ -129,6 +131,35 @@ def _cpu_low_precision_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     scores = torch.matmul(q.view(b, hk, hq // hk, d), k.transpose(-1, -2)).float() * spec.scale
     probs = torch.softmax(scores.masked_fill_(~mask, -math.inf), dim=-1).to(q.dtype)
     return torch.matmul(probs, v).view(b, hq, 1, d)
+
+
+def _traced_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, md: TorchRefMetadata, spec: AttentionSpec) -> torch.Tensor:
+    """Decode rows written for inductor (worker/compile.py): the cache write, block gather, scores,
+    softmax and weighted sum as gathers, products and reductions that it fuses into a few C++ loops
+    (the eager form of these ops would materialise [B, Hk, G, L, D] products). float32 math, as
+    `_cpu_low_precision_decode`. q [B, Hq, D], k/v [B, Hk, D] -> [B, Hq, D]."""
+    b, hq, d = q.shape
+    hk = k_cache.shape[2]
+    k_cache.view(-1, hk, d).index_copy_(0, md.slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, hk, d).index_copy_(0, md.slot_mapping, v.to(v_cache.dtype))
+    blocks = md.decode_blocks
+    length = blocks.shape[1] * k_cache.shape[1]
+    keys = k_cache[blocks].view(b, length, hk, d).permute(0, 2, 1, 3).unsqueeze(2)   # [B, Hk, 1, L, D]
+    vals = v_cache[blocks].view(b, length, hk, d).permute(0, 2, 1, 3).unsqueeze(2)
+    qf = q.view(b, hk, hq // hk, 1, d).float()
+    scores = (qf * keys.float()).sum(-1) * spec.scale                                 # [B, Hk, G, L]
+    if spec.logit_softcap is not None:
+        scores = torch.tanh(scores / spec.logit_softcap) * spec.logit_softcap
+    pos = torch.arange(length, device=q.device)
+    lens = md.decode_lens.unsqueeze(1)
+    valid = pos.unsqueeze(0) < lens
+    if spec.sliding_window is not None:
+        valid = valid & (pos.unsqueeze(0) > lens - 1 - spec.sliding_window)
+    scores = scores.masked_fill(~valid[:, None, None, :], -math.inf)
+    probs = torch.softmax(scores, dim=-1)
+    out = (probs.unsqueeze(-1) * vals.float()).sum(-2)                                 # [B, Hk, G, D]
+    return out.reshape(b, hq, d).to(q.dtype)
 
 
 def _prefill_mask(q_len: int, seq_len: int, window: int | None, device: torch.device) -> torch.Tensor:

@@ -49,6 +49,7 @@ class EngineOptions:
     gguf_file: str | None = None  # a .gguf file inside `model` (a hub repo or folder), like `-f`
     isq: str | int | None = None  # in-situ quantization type (Q4K, Q8_0, ... or 2/3/4/5/6/8)
     topology: str | dict | None = None  # YAML file (or its dict): per-layer ISQ types
+    compile: bool = False  # torch.compile decode steps (worker/compile.py): faster steps, ~25 s to compile
 
     def validate(self) -> None:
         for name in ("max_seqs", "max_num_batched_tokens", "block_size"):
@@ -119,7 +120,7 @@ def build_core(model: str, opts: EngineOptions) -> tuple[EngineCore, Tokenizer, 
     if gguf_path is not None:
         model_config, tokenizer = build_gguf_model_config(gguf_path, opts)
         model_config.isq, model_config.topology = isq, topology
-        return EngineCore(_engine_config(model_config, opts), tokenizer), tokenizer, model_config
+        return _core(model_config, opts, tokenizer), tokenizer, model_config
     model_dir = resolve_model_dir(model, revision=opts.revision, token_source=opts.token_source)
     hf_config = read_json(Path(model_dir) / "config.json")
     if not hf_config:
@@ -137,7 +138,14 @@ def build_core(model: str, opts: EngineOptions) -> tuple[EngineCore, Tokenizer, 
         tokenizer = _tokenizer_from_option(opts)
     else:
         tokenizer = Tokenizer.from_dir(model_dir, chat_template_override=opts.chat_template)
-    return EngineCore(_engine_config(model_config, opts), tokenizer), tokenizer, model_config
+    return _core(model_config, opts, tokenizer), tokenizer, model_config
+
+
+def _core(model_config: ModelConfig, opts: EngineOptions, tokenizer: Tokenizer) -> EngineCore:
+    core = EngineCore(_engine_config(model_config, opts), tokenizer)
+    if opts.compile:
+        core.runner.enable_compile()
+    return core
 
 
 def _engine_config(model_config: ModelConfig, opts: EngineOptions) -> EngineConfig:

@@ -322,6 +322,9 @@ class RotaryEmbedding(torch.nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] int64; q [T, Hq, D], k [T, Hk, D] (or [T, H*D]) -> rotated, same shapes/dtypes."""
         # Every layer passes the same positions tensor in a step: look cos/sin up once per step.
+        if torch.compiler.is_compiling():  # no per-step cache in a graph: the lookup fuses into the rotation
+            cos, sin = self._cos[positions].unsqueeze(-2), self._sin[positions].unsqueeze(-2)
+            return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
         cached = self._step_cache
         if cached is None or cached[0] is not positions:
             cos, sin = self.cos_sin(positions)

@@ -117,7 +117,11 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], attn_metadata: Any) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
+        return self.decode_layers(positions, self.embed_tokens(input_ids), kv_caches, attn_metadata)
+
+    def decode_layers(self, positions: torch.Tensor, hidden: torch.Tensor,
+                      kv_caches: list[tuple[torch.Tensor, torch.Tensor]], attn_metadata: Any) -> torch.Tensor:
+        """Everything after the embedding lookup: the part worker/compile.py compiles."""
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden = layer(positions, hidden, kv_cache, attn_metadata)
         return self.norm(hidden)

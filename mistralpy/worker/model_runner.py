@@ -74,6 +74,13 @@ class ModelRunner:
         log.info("KV cache: %d blocks x %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
                  self.num_blocks * per_block / 2**20)
         self.sampler = Sampler(config.model.vocab_size, seed=config.seed)
+        self.compiled = None
+
+    def enable_compile(self) -> None:
+        """Run decode-only steps through torch.compile'd decoder layers (worker/compile.py)."""
+        from mistralpy.worker.compile import CompiledDecode
+
+        self.compiled = CompiledDecode(self.model, self.config.model.max_model_len)
 
     def build_batch(self, sched: SchedulerOutput) -> ForwardBatch:
         input_ids: list[int] = []
