@@ -86,8 +86,9 @@ def test_refusals(runner, ckpt):
         runner.send_chat_completion_request(ChatCompletionRequest(model="default", messages=CHAT, grammar="x",
                                                                   grammar_type="regex"))
     with pytest.raises(InvalidRequestError, match="only text content parts"):
+        image = {"type": "image_url", "image_url": {"url": "x"}}
         runner.send_chat_completion_request(ChatCompletionRequest(
-            model="default", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]))
+            model="default", messages=[{"role": "user", "content": [image]}]))
     with pytest.raises(InvalidRequestError, match="best_of"):
         runner.send_completion_request(CompletionRequest(model="default", prompt="a", n_choices=2, best_of=1))
     with pytest.raises(UnsupportedArchitectureError):

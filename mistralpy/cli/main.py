@@ -104,11 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from mistralpy.cli import legacy
+
+    args = build_parser().parse_args(legacy.apply(argv))  # mistral.rs's command lines -> ours
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if args.command in ("run", "serve") and not args.model:
+        if args.command in ("run", "serve") and not args.model and not getattr(args, "config", None):
             from mistralpy.cli.default_model import default_model_path
 
             args.model = default_model_path()

@@ -131,7 +131,8 @@ class Runner:
         result = oai.text_completion(choices, model=model, completion_id=cid, created=created, usage_body={})
         return _finish(result, timing, tracker)
 
-    def _completion_stream(self, tracker, reqs, model: str, cid: str, created: int, echo: str) -> Iterator[OpenAIObject]:
+    def _completion_stream(self, tracker, reqs, model: str, cid: str, created: int,
+                           echo: str) -> Iterator[OpenAIObject]:
         seen: set[int] = set()
         timing = _Timing()
         for out in timing.watch(self.engine._stream(tracker, reqs)):

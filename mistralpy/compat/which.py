@@ -80,7 +80,7 @@ class IsqOrganization(Enum):
     MoQE = "moqe"
 
 
-def _arch_name(arch: Architecture | str | None) -> str | None:
+def arch_class_name(arch: Architecture | str | None) -> str | None:
     """Architecture enum, its name or value ("llama", "Llama", "LlamaForCausalLM") -> HF class name."""
     if arch is None or isinstance(arch, Architecture):
         return None if arch is None else arch.value
@@ -138,7 +138,8 @@ class Which:
         hf_cache_path: str | None = None
 
         def engine_args(self) -> tuple[str, dict[str, Any]]:
-            options: dict[str, Any] = {"arch": _arch_name(self.arch), "tokenizer": _tokenizer_dir(self.tokenizer_json)}
+            options: dict[str, Any] = {"arch": arch_class_name(self.arch),
+                                       "tokenizer": _tokenizer_dir(self.tokenizer_json)}
             _common(self, options)
             return self.model_id, options
 
@@ -302,6 +303,7 @@ def engine_args(which: Any) -> tuple[str, dict[str, Any]]:
             f"Which.{name} is not supported yet: mistral.py does not implement {_WHY[name]}; "
             "use Which.Plain or Which.GGUF")
     if not hasattr(which, "engine_args"):
-        raise InvalidRequestError(f"which must be a Which variant (Which.Plain, Which.GGUF, ...), got {which!r}", "which")
+        raise InvalidRequestError(f"which must be a Which variant (Which.Plain, Which.GGUF, ...), got {which!r}",
+                                  "which")
     model, options = which.engine_args()
     return model, {k: v for k, v in options.items() if v is not None}
