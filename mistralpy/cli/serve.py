@@ -1,4 +1,5 @@
-"""`mistralpy serve`: the OpenAI-compatible HTTP server (FastAPI + uvicorn) on one model."""
+"""`mistralpy serve`: the OpenAI-compatible HTTP server (FastAPI + uvicorn) on one model, or on
+several from a TOML file (`--config models.toml`, see server/registry.py for its format)."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +13,10 @@ log = logging.getLogger(__name__)
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     s = p.add_argument_group("server")
+    s.add_argument("--config", metavar="TOML",
+                   help="serve several models from a TOML file of [[models]] tables (name, model, default, aliases "
+                        "and any engine option: gguf_file, isq, dtype, max_seqs, ...); requests pick one by their "
+                        "'model' ('default' = the default one); -m and the model options are then ignored")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     s.add_argument("--port", type=int, default=1234, help="port (default: 1234)")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every API route "
@@ -30,18 +35,24 @@ def serve_command(args: argparse.Namespace) -> int:
 
     from mistralpy.engine.async_engine import AsyncEngine
     from mistralpy.server.app import ServerOptions, create_app
+    from mistralpy.server.registry import ModelRegistry, load_config
 
     # Loading and the throughput line are the server's heartbeat: show them even without -v.
     for name in ("mistralpy.server", __name__):
         logging.getLogger(name).setLevel(logging.INFO)
-    log.info("loading %s", args.model)
-    engine = AsyncEngine(args.model, **engine_kwargs(args))
+    if args.config:
+        if args.model:
+            log.warning("--config given: -m %s is ignored", args.model)
+        registry = ModelRegistry.from_specs(load_config(args.config))
+    else:
+        log.info("loading %s", args.model)
+        registry = ModelRegistry.from_engine(AsyncEngine(args.model, **engine_kwargs(args)), args.served_model_name)
     options = ServerOptions(served_model_name=args.served_model_name, api_key=args.api_key,
                             cors_origins=tuple(args.cors_origins), max_body_bytes=int(args.max_body_mb * 2**20),
                             log_interval_s=args.log_interval)
-    app = create_app(engine, options)
+    app = create_app(registry, options)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
     finally:
-        engine.shutdown()
+        registry.shutdown()
     return 0

@@ -1,8 +1,8 @@
-"""FastAPI app factory: OpenAI-compatible routes on one AsyncEngine, plus health, metrics and
-tokenizer endpoints. ``create_app`` does not own the engine; the caller shuts it down."""
+"""FastAPI app factory: OpenAI-compatible routes on one AsyncEngine or a ModelRegistry of several,
+plus health, metrics, tokenizer and model unload/reload endpoints. ``create_app`` does not own the
+engines; the caller shuts them down (``registry.shutdown()``)."""
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -13,10 +13,9 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from mistralpy.engine.async_engine import AsyncEngine
+from mistralpy.errors import MistralPyError
 from mistralpy.server import chat, completions
 from mistralpy.server.errors import APIError, install_error_handlers
-from mistralpy.server.generation import check_model
-from mistralpy.server.metrics import ServerMetrics, log_throughput
 from mistralpy.server.middleware import (
     ApiKeyMiddleware,
     BodySizeLimitMiddleware,
@@ -24,6 +23,7 @@ from mistralpy.server.middleware import (
     RequestMetricsMiddleware,
 )
 from mistralpy.server.protocol import DetokenizeRequest, ModelCard, TokenizeRequest
+from mistralpy.server.registry import ModelEntry, ModelRegistry
 from mistralpy.server.state import ServerState
 
 log = logging.getLogger(__name__)
@@ -41,16 +41,18 @@ class ServerOptions:
     log_interval_s: float = 5.0            # throughput log line period (0 = off)
 
 
-def create_app(engine: AsyncEngine, options: ServerOptions | None = None) -> FastAPI:
+def create_app(models: AsyncEngine | ModelRegistry, options: ServerOptions | None = None) -> FastAPI:
+    """``models``: one engine (served as ``options.served_model_name``) or a registry of several."""
     options = options or ServerOptions()
-    state = ServerState(engine, options.served_model_name or engine.model_name, ServerMetrics(engine.model_name))
+    registry = (models if isinstance(models, ModelRegistry)
+                else ModelRegistry.from_engine(models, options.served_model_name))
+    state = ServerState(registry)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(log_throughput(engine, options.log_interval_s)) if options.log_interval_s else None
+        registry.start_logging(options.log_interval_s)
         yield
-        if task is not None:
-            task.cancel()
+        registry.stop_logging()
 
     app = FastAPI(title="mistral.py", description="OpenAI-compatible API of mistral.py", lifespan=lifespan)
     app.state.server = state
@@ -72,33 +74,54 @@ def create_app(engine: AsyncEngine, options: ServerOptions | None = None) -> Fas
 
 
 def _add_misc_routes(app: FastAPI, state: ServerState) -> None:
-    engine = state.engine
+    registry = state.registry
 
-    def card() -> dict:
-        return ModelCard(id=state.served_name, created=state.created, max_model_len=engine.max_total_tokens).model_dump()
+    def card(entry: ModelEntry) -> dict:
+        body = ModelCard(id=entry.served_name, created=entry.created,
+                         max_model_len=entry.engine.max_total_tokens if entry.engine else None).model_dump()
+        body["status"] = "loaded" if entry.loaded else "unloaded"
+        body["default"] = entry.served_name == registry.default_name
+        return body
 
     @app.get("/v1/models")
     async def list_models() -> dict:
-        return {"object": "list", "data": [card()]}
+        return {"object": "list", "data": [card(e) for e in registry.entries.values()]}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> dict:
-        check_model(state.model_names, model_id)
-        return card()
+        return card(registry.find(model_id))
+
+    # Admin: free a model's memory / load it again (behind --api-key like every /v1 route).
+    @app.post("/v1/models/{model_id:path}/unload")
+    async def unload_model(model_id: str) -> dict:
+        return card(await registry.unload(model_id))
+
+    @app.post("/v1/models/{model_id:path}/reload")
+    async def reload_model(model_id: str) -> dict:
+        try:
+            return card(await registry.reload(model_id))
+        except MistralPyError as exc:
+            raise APIError(500, f"loading {model_id!r} failed: {exc}", "model", "model_load_error") from exc
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        if engine.dead_error:
-            return JSONResponse({"status": "error", "error": engine.dead_error}, status_code=503)
-        return JSONResponse({"status": "ok", "model": state.served_name})
+        models = {name: "loaded" if e.loaded else "unloaded" for name, e in registry.entries.items()}
+        dead = {name: e.engine.dead_error for name, e in registry.entries.items() if e.engine and e.engine.dead_error}
+        if dead:
+            error = dead.get(registry.default_name) or next(iter(dead.values()))
+            return JSONResponse({"status": "error", "error": error, "models": models}, status_code=503)
+        return JSONResponse({"status": "ok", "model": state.served_name, "models": models})
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(state.metrics.render(engine), media_type="text/plain; version=0.0.4")
+        # Engine values come from the default model (or the first loaded one while it is unloaded).
+        entry = next((e for e in (registry.default, *registry.entries.values()) if e.loaded), None)
+        text = state.metrics.render(entry.engine) if entry is not None else "# no model loaded\n"
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:
-        check_model(state.model_names, body.model)
+        engine = state.model(body.model).engine
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "send exactly one of 'prompt' and 'messages'", "prompt")
         if body.messages is not None:
@@ -111,7 +134,7 @@ def _add_misc_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict:
-        check_model(state.model_names, body.model)
+        engine = state.model(body.model).engine
         vocab = len(engine.tokenizer.token_texts())
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:

@@ -14,7 +14,6 @@ from mistralpy.server.generation import (
     SSE_DONE,
     Generation,
     SSEResponse,
-    check_model,
     error_event,
     prepare_prompt,
     sse_event,
@@ -28,8 +27,8 @@ router = APIRouter()
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse | SSEResponse:
-    state: ServerState = request.app.state.server
-    check_model(state.model_names, body.model)
+    server: ServerState = request.app.state.server
+    state = server.model(body.model)  # 404 for an unknown model, 503 while it is unloaded
     engine = state.engine
     params = body.to_sampling_params()
     messages = [m.model_dump(exclude_none=True) for m in body.messages]

@@ -16,7 +16,6 @@ from mistralpy.server.generation import (
     SSE_DONE,
     Generation,
     SSEResponse,
-    check_model,
     error_event,
     prepare_prompt,
     sse_event,
@@ -62,8 +61,8 @@ def _best(outputs: Sequence[CompletionOutput], n: int) -> list[CompletionOutput]
 
 @router.post("/v1/completions", response_model=None)
 async def completions(body: CompletionRequest, request: Request) -> JSONResponse | SSEResponse:
-    state: ServerState = request.app.state.server
-    check_model(state.model_names, body.model)
+    server: ServerState = request.app.state.server
+    state = server.model(body.model)  # 404 for an unknown model, 503 while it is unloaded
     engine = state.engine
     prompts = _prompts(body.prompt)
     n = body.n

@@ -1,22 +1,30 @@
-"""The server's shared state, stored on ``app.state.server``."""
+"""The server's shared state, stored on ``app.state.server``: the model registry and options."""
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from mistralpy.engine.async_engine import AsyncEngine
 from mistralpy.server.metrics import ServerMetrics
+from mistralpy.server.registry import ModelEntry, ModelRegistry
 
 
 @dataclass(slots=True)
 class ServerState:
-    engine: AsyncEngine
-    served_name: str
-    metrics: ServerMetrics
-    created: int = field(default_factory=lambda: int(time.time()))
-    aliases: tuple[str, ...] = ()
+    registry: ModelRegistry
+
+    def model(self, requested: str | None) -> ModelEntry:
+        """The loaded model a request names (None / "default": the default); 404 unknown, 503 unloaded."""
+        return self.registry.get(requested)
 
     @property
-    def model_names(self) -> set[str]:
-        """Names a request's ``model`` may use: the served name, the engine's model id, "default"."""
-        return {self.served_name, self.engine.model_name, "default", *self.aliases}
+    def metrics(self) -> ServerMetrics:
+        return self.registry.metrics
+
+    # The default model's views, as the single-model server had them.
+    @property
+    def engine(self) -> AsyncEngine | None:
+        return self.registry.default.engine
+
+    @property
+    def served_name(self) -> str:
+        return self.registry.default.served_name
