@@ -20,8 +20,10 @@ class RMSNorm(nn.Module):
         if dtype == torch.float32 and not self.offset:
             # One op instead of six (bitwise equal to the form below in float32).
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        # F.rms_norm without a weight is bitwise equal to HF's x * rsqrt(mean(x^2) + eps) in float32.
-        h = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
+        # HF's x * rsqrt(mean(x^2) + eps) in float32, in place where possible: ~7 us less than
+        # F.rms_norm on a decode row (its CPU kernel runs several more ops), bitwise equal.
+        h = x.float()
+        h = h * h.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
         if self.offset:
             return (h * (self.offset + self.weight.float())).to(dtype)
         return self.weight * h.to(dtype)
