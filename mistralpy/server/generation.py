@@ -125,6 +125,9 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
         watcher.cancel()
         if not task.done():
             task.cancel()
+            # cancel() only requests it: wait until the task has really stopped (and aborted its
+            # requests) before reporting, or task.result() below would race with it.
+            await asyncio.wait({task})
     if task.cancelled():
         raise asyncio.CancelledError("client disconnected")
     return task.result()
