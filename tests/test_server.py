@@ -254,11 +254,23 @@ def test_engine_failure_is_500_with_partial_output_then_recovers(server, client)
     assert httpx.get(base + "/health").status_code == 200
 
 
-def test_non_streaming_disconnect_aborts(base):
+def test_non_streaming_disconnect_aborts(server, base):
+    _, engine = server
+    runner = engine.engine.core.runner
+    real = runner.execute
+
+    def slow(sched):  # a step of 20 ms: the request outlives the client's timeout on any machine
+        time.sleep(0.02)
+        return real(sched)
+
     before = parse_metrics(httpx.get(base + "/metrics").text)["mistralpy_requests_aborted_total"]
     body = {"model": NAME, "prompt": "hi", "max_tokens": MAX_LEN - 8, "ignore_eos": True, "temperature": 0}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(base + "/v1/completions", json=body, headers={"authorization": f"Bearer {KEY}"}, timeout=0.3)
+    runner.execute = slow
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(base + "/v1/completions", json=body, headers={"authorization": f"Bearer {KEY}"}, timeout=0.5)
+    finally:
+        runner.execute = real
     deadline = time.time() + 20
     while True:
         m = parse_metrics(httpx.get(base + "/metrics").text)
