@@ -70,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="smollm2-135m",
                    help="model shape of the random-weight checkpoint")
+    p.add_argument("--compile", action="store_true",
+                   help="mistralpy with torch.compile'd decode steps (Engine(compile=True)); warm-up pays the compile")
     p.add_argument("--dtype", choices=["bf16", "f32"], default="bf16",
                    help="compute dtype of both engines (the checkpoint is stored in bf16)")
     p.add_argument("--threads", type=int, default=default_threads(),
@@ -298,7 +300,7 @@ class MistralpyRunner:
         from mistralpy import Engine, SamplingParams
 
         self.SamplingParams = SamplingParams
-        self.engine = Engine(str(path), dtype=dtype, device="cpu", max_seqs=max(32, batch))
+        self.engine = Engine(str(path), dtype=dtype, device="cpu", max_seqs=max(32, batch), compile=COMPILE)
         torch.set_num_threads(threads)  # the model runner sets its own default when OMP_NUM_THREADS is unset
 
     def generate(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
@@ -473,8 +475,13 @@ def in_thread(fn, *args):
     return out[0]
 
 
+COMPILE = False
+
+
 def main(argv: list[str] | None = None) -> int:
+    global COMPILE
     args = parse_args(argv)
+    COMPILE = args.compile
     # Before torch is imported, so every thread pool (and mistralpy's runner) uses this count.
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -43,11 +43,11 @@ class Prompts:
 class Mistralpy:
     name = "mistralpy"
 
-    def __init__(self, path: str, threads: int, dtype: str) -> None:
+    def __init__(self, path: str, threads: int, dtype: str, compile: bool = False) -> None:
         from mistralpy import Engine, SamplingParams
 
         self.sp = SamplingParams
-        self.engine = Engine(path, dtype=dtype, max_model_len=2048, max_num_batched_tokens=512)
+        self.engine = Engine(path, dtype=dtype, max_model_len=2048, max_num_batched_tokens=512, compile=compile)
         self.vocab = self.engine.model_config.vocab_size
 
     def run(self, ids: list[int], n: int) -> None:
@@ -60,7 +60,7 @@ class Mistralpy:
 class LlamaCpp:
     name = "llama.cpp"
 
-    def __init__(self, path: str, threads: int, dtype: str) -> None:
+    def __init__(self, path: str, threads: int, dtype: str, compile: bool = False) -> None:
         import llama_cpp
 
         self.llm = llama_cpp.Llama(model_path=path, n_ctx=2048, n_batch=512, n_threads=threads,
@@ -101,6 +101,8 @@ def main() -> int:
     p.add_argument("--gguf", default=None, help="GGUF file (default: SmolLM2-135M-Instruct Q4_1)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--dtype", default="auto", help="mistralpy compute dtype (auto|bf16|f32)")
+    p.add_argument("--compile", action="store_true",
+                   help="mistralpy with torch.compile'd decode steps (Engine(compile=True)); warm-up pays the compile")
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--gen-len", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
@@ -131,6 +133,7 @@ def main() -> int:
     import torch
 
     args.output.write_text(json.dumps({"file": path, "threads": args.threads, "dtype": args.dtype,
+                                       "compile": args.compile,
                                        "torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                        "results": results, "table_markdown": table}, indent=2) + "\n")
     print(f"wrote {args.output}")
@@ -139,7 +142,7 @@ def main() -> int:
 
 def _one(cls, path: str, args: argparse.Namespace) -> dict:
     print(f"loading {cls.name} ...", flush=True)
-    runner = cls(path, args.threads, args.dtype)
+    runner = cls(path, args.threads, args.dtype, args.compile)
     try:
         return bench(runner, args)
     finally:
