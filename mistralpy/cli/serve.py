@@ -33,6 +33,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 def serve_command(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from mistralpy.cli.progress import LoadProgress
     from mistralpy.engine.async_engine import AsyncEngine
     from mistralpy.server.app import ServerOptions, create_app
     from mistralpy.server.registry import ModelRegistry, load_config
@@ -43,10 +44,14 @@ def serve_command(args: argparse.Namespace) -> int:
     if args.config:
         if args.model:
             log.warning("--config given: -m %s is ignored", args.model)
-        registry = ModelRegistry.from_specs(load_config(args.config))
+        specs = load_config(args.config)
+        for spec in specs:
+            spec.options.setdefault("progress", LoadProgress())
+        registry = ModelRegistry.from_specs(specs)
     else:
         log.info("loading %s", args.model)
-        registry = ModelRegistry.from_engine(AsyncEngine(args.model, **engine_kwargs(args)), args.served_model_name)
+        engine = AsyncEngine(args.model, **engine_kwargs(args), progress=LoadProgress())
+        registry = ModelRegistry.from_engine(engine, args.served_model_name)
     options = ServerOptions(served_model_name=args.served_model_name, api_key=args.api_key,
                             cors_origins=tuple(args.cors_origins), max_body_bytes=int(args.max_body_mb * 2**20),
                             log_interval_s=args.log_interval)

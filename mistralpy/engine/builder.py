@@ -50,6 +50,9 @@ class EngineOptions:
     isq: str | int | None = None  # in-situ quantization type (Q4K, Q8_0, ... or 2/3/4/5/6/8)
     topology: str | dict | None = None  # YAML file (or its dict): per-layer ISQ types
     compile: bool = False  # torch.compile decode steps (worker/compile.py): faster steps, ~25 s to compile
+    # Called as weights load: progress(tensors_done, tensors_total, bytes_done, bytes_total, what)
+    # (loading/model_loader.ProgressFn; the CLI passes cli/progress.LoadProgress). None: silent.
+    progress: Any = None
 
     def validate(self) -> None:
         for name in ("max_seqs", "max_num_batched_tokens", "block_size"):
@@ -58,6 +61,8 @@ class EngineOptions:
                 raise InvalidRequestError(f"{name} must be a positive integer, got {value!r}", name)
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise InvalidRequestError("num_kv_blocks must be >= 1", "num_kv_blocks")
+        if self.progress is not None and not callable(self.progress):
+            raise InvalidRequestError("progress must be a callable", "progress")
 
 
 def generation_defaults(gen_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -142,6 +147,7 @@ def build_core(model: str, opts: EngineOptions) -> tuple[EngineCore, Tokenizer, 
 
 
 def _core(model_config: ModelConfig, opts: EngineOptions, tokenizer: Tokenizer) -> EngineCore:
+    model_config.progress = opts.progress
     core = EngineCore(_engine_config(model_config, opts), tokenizer)
     if opts.compile:
         core.runner.enable_compile()

@@ -1,8 +1,11 @@
 """Build a model on its device in its final dtype and stream the checkpoint into it."""
 from __future__ import annotations
 
+import json
 import logging
+import struct
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -14,7 +17,8 @@ from mistralpy.layers.linear import Linear
 from mistralpy.layers.matmul import prepack_linear_weights
 from mistralpy.quant.isq import head_type
 from mistralpy.quant.topology import Topology
-from mistralpy.loading.gguf_loader import gguf_architecture, iter_gguf_tensors, metadata, open_readers
+from mistralpy.loading.gguf_loader import (gguf_architecture, hf_tensor_name, iter_gguf_tensors, metadata,
+                                           open_readers)
 from mistralpy.loading.safetensors_reader import iter_safetensors, safetensors_files
 from mistralpy.models.base import CausalLM
 from mistralpy.models.registry import get_model_class
@@ -50,7 +54,46 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-def load_model(model_config: ModelConfig, device: torch.device, backend: AttentionBackend) -> CausalLM:
+# progress(tensors_done, tensors_total, bytes_done, bytes_total, what): called after each tensor is
+# loaded (and quantized, under ISQ); `what` says "loading" or "loading + ISQ Q4K".
+ProgressFn = Callable[[int, int, int, int, str], None]
+
+
+def safetensors_totals(files: list[Path]) -> tuple[int, int]:
+    """(tensor count, data bytes) from the safetensors headers alone."""
+    count = nbytes = 0
+    for path in files:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        for name, info in header.items():
+            if name != "__metadata__":
+                count += 1
+                nbytes += info["data_offsets"][1] - info["data_offsets"][0]
+    return count, nbytes
+
+
+def _tensor_bytes(t) -> int:
+    t = getattr(t, "raw", t)  # GGUFTensor: its bytes
+    return t.numel() * t.element_size()
+
+
+def with_progress(tensors: Iterable, total: int, total_bytes: int, what: str,
+                  progress: ProgressFn) -> Iterator:
+    """Pass the tensors through, reporting each once the consumer has taken the next (so after it
+    has copied, and quantized, the previous one)."""
+    done = nbytes = 0
+    progress(0, total, 0, total_bytes, what)
+    for name, t in tensors:
+        size = _tensor_bytes(t)
+        yield name, t
+        done += 1
+        nbytes += size
+        progress(done, max(total, done), nbytes, max(total_bytes, nbytes), what)
+
+
+def load_model(model_config: ModelConfig, device: torch.device, backend: AttentionBackend,
+               progress: ProgressFn | None = None) -> CausalLM:
     """Allocate parameters uninitialised (torch.empty), then copy tensors in one by one.
 
     Peak memory stays near the model size: no float32 staging copy, no second model.
@@ -69,13 +112,24 @@ def load_model(model_config: ModelConfig, device: torch.device, backend: Attenti
         torch.set_default_dtype(previous)
     if model_config.isq is not None or model_config.topology is not None:
         apply_isq(model, model_config.isq, model_config.topology)
+    progress = progress or model_config.progress
     if model_config.gguf_files:
         readers = open_readers(model_config.gguf_files)
         _, arch = gguf_architecture(metadata(readers[0]))
-        model.load_weights(iter_gguf_tensors(readers, model_config.text_config, arch.permute_qk))
+        tensors = iter_gguf_tensors(readers, model_config.text_config, arch.permute_qk)
+        if progress is not None:
+            kept = [t for r in readers for t in r.tensors if hf_tensor_name(t.name) is not None]
+            totals = len(kept), sum(int(t.n_bytes) for t in kept)
     else:
         files = safetensors_files(Path(model_config.path))
-        model.load_weights(iter_safetensors(files))
+        tensors = iter_safetensors(files)
+        if progress is not None:
+            totals = safetensors_totals(files)
+    if progress is not None:
+        isq = model_config.isq.name if model_config.isq is not None else "per-layer" if model_config.topology else None
+        what = f"loading + ISQ {isq}" if isq else "loading"
+        tensors = with_progress(tensors, *totals, what, progress)
+    model.load_weights(tensors)
     model.eval()
     n_params = sum(p.numel() for p in model.parameters())
     if device.type == "cpu":
