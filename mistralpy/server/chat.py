@@ -1,6 +1,8 @@
 """POST /v1/chat/completions."""
 from __future__ import annotations
 
+from contextlib import aclosing
+
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -55,13 +57,15 @@ async def _chunks(gen: Generation, model: str, chat_id: str, created: int,
     seen: set[int] = set()
     tracker = gen.prepared[0][0]
     try:
-        async for _, delta in gen.deltas():
-            first = delta.index not in seen
-            seen.add(delta.index)
-            if delta.finish_reason == "error":
-                continue  # reported below as an error event
-            chunk: OpenAIObject = oai.chat_chunk(delta, model=model, chat_id=chat_id, created=created, first=first)
-            yield sse_event(chunk.model_dump())
+        async with aclosing(gen.deltas()) as deltas:  # closed at once when the client goes away
+            async for _, delta in deltas:
+                first = delta.index not in seen
+                seen.add(delta.index)
+                if delta.finish_reason == "error":
+                    continue  # reported below as an error event
+                chunk: OpenAIObject = oai.chat_chunk(delta, model=model, chat_id=chat_id, created=created,
+                                                     first=first)
+                yield sse_event(chunk.model_dump())
     except Exception as exc:  # noqa: BLE001 - the response has started: report in-band
         yield error_event(exc)
         yield SSE_DONE

@@ -3,6 +3,7 @@ echo, suffix (fill-in-the-middle when the vocabulary has FIM tokens), best_of.""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -104,18 +105,20 @@ async def _chunks(gen: Generation, body: CompletionRequest, model: str, cid: str
                   echoes: list[str], n: int) -> AsyncIterator[str]:
     offsets: dict[int, int] = {}  # choice index -> characters sent so far (for logprobs text_offset)
     try:
-        async for k, delta in gen.deltas():
-            index = k * n + delta.index
-            if delta.finish_reason == "error":
-                continue
-            text = delta.text
-            if index not in offsets:
-                text = echoes[k] + text
-                offsets[index] = len(echoes[k])
-            lp = (oai.completion_logprobs(delta.logprobs, offsets[index]) if body.logprobs is not None else None)
-            offsets[index] += len(delta.text)
-            choice = oai.completion_choice(index, text, delta.finish_reason, lp)
-            yield sse_event(oai.completion_chunk(choice, model=model, completion_id=cid, created=created).model_dump())
+        async with aclosing(gen.deltas()) as deltas:  # closed at once when the client goes away
+            async for k, delta in deltas:
+                index = k * n + delta.index
+                if delta.finish_reason == "error":
+                    continue
+                text = delta.text
+                if index not in offsets:
+                    text = echoes[k] + text
+                    offsets[index] = len(echoes[k])
+                lp = (oai.completion_logprobs(delta.logprobs, offsets[index]) if body.logprobs is not None else None)
+                offsets[index] += len(delta.text)
+                choice = oai.completion_choice(index, text, delta.finish_reason, lp)
+                chunk = oai.completion_chunk(choice, model=model, completion_id=cid, created=created)
+                yield sse_event(chunk.model_dump())
     except Exception as exc:  # noqa: BLE001 - the response has started: report in-band
         yield error_event(exc)
         yield SSE_DONE

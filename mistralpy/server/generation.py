@@ -88,8 +88,11 @@ class Generation:
             self.metrics.finish_reasons[delta.finish_reason] += 1
 
     async def run(self) -> None:
-        async for _ in self.deltas():
-            pass
+        # aclosing: a cancelled run must close deltas() at once (its finally aborts the engine
+        # requests); a bare `async for` leaves that to the garbage collector.
+        async with aclosing(self.deltas()) as deltas:
+            async for _ in deltas:
+                pass
 
     @property
     def finished(self) -> bool:
