@@ -1,9 +1,8 @@
 """POST /v1/chat/completions."""
 from __future__ import annotations
 
-from contextlib import aclosing
-
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 from fastapi import APIRouter, Request
