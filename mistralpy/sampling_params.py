@@ -34,6 +34,7 @@ class SamplingParams:
     temperature 0 means greedy (exact argmax). top_k 0 (or -1) disables top-k.
     ``max_tokens=None`` generates until EOS or the end of the context.
     ``logprobs=True`` returns the sampled token's logprob and ``top_logprobs`` alternatives.
+    ``response_format`` / ``grammar`` constrain the output to a JSON schema, regex or grammar.
     """
 
     n: int = 1
@@ -59,6 +60,10 @@ class SamplingParams:
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Structured output (mistralpy.structured): OpenAI response_format, or mistral.rs grammar
+    # {"type": "regex" | "json_schema" | "lark" | "llguidance", "value": ...}.
+    response_format: dict[str, Any] | None = None
+    grammar: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -142,6 +147,20 @@ class SamplingParams:
             bad("min_tokens", "must be an integer >= 0")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             bad("min_tokens", "must be <= max_tokens")
+        key = self.structured
+        if key is not None:
+            from mistralpy.structured import compile_grammar
+
+            compile_grammar(key, "response_format" if self.response_format is not None else "grammar")
+
+    @property
+    def structured(self) -> tuple[str, str] | None:
+        """``(kind, text)`` of the output constraint (see mistralpy.structured), or None."""
+        if self.response_format is None and self.grammar is None:
+            return None
+        from mistralpy.structured import grammar_key
+
+        return grammar_key(self.response_format, self.grammar)
 
     @property
     def greedy(self) -> bool:

@@ -47,6 +47,7 @@ class Request:
     num_committed_blocks: int = 0     # leading blocks registered in the prefix cache
     generator: torch.Generator | None = None
     dry_breaker_ids: frozenset[int] = frozenset()
+    grammar: Any = None               # mistralpy.structured.GrammarMatcher for constrained requests
     logprobs: list[Any] = field(default_factory=list)
     first_token_time: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # owner's bookkeeping (detokenizer, sink)

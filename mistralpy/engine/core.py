@@ -14,6 +14,7 @@ from mistralpy.core.request import FinishReason, Request, RequestStatus
 from mistralpy.core.scheduler import Scheduler
 from mistralpy.engine.detokenizer import IncrementalDetokenizer
 from mistralpy.engine.outputs import LogprobEntry, TopLogprob
+from mistralpy.structured import StructuredBackend
 from mistralpy.tokenizer.tokenizer import Tokenizer
 from mistralpy.worker.model_runner import ModelRunner
 
@@ -49,6 +50,7 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler, self.kv)
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
+        self.structured = StructuredBackend(tokenizer, config.model.vocab_size, tokenizer.eos_token_ids)
 
     @property
     def max_total_tokens(self) -> int:
@@ -56,6 +58,9 @@ class EngineCore:
         return min(self.config.model.max_model_len, self.runner.num_blocks * self.config.cache.block_size)
 
     def add_request(self, req: Request) -> None:
+        key = req.params.structured
+        if key is not None and req.grammar is None:
+            req.grammar = self.structured.matcher(key)  # the grammar itself is compiled and cached already
         req.extra["detok"] = IncrementalDetokenizer(
             self.tokenizer, req.prompt_token_ids, skip_special_tokens=req.params.skip_special_tokens,
             stop=req.params.stop, include_stop_str_in_output=req.params.include_stop_str_in_output)
@@ -115,7 +120,15 @@ class EngineCore:
         params = req.params
         reason, stop_reason = None, None
         n_out = len(req.output_token_ids)
-        if token in params.stop_token_ids and n_out >= params.min_tokens:
+        grammar = req.grammar
+        if grammar is not None:
+            grammar.accept(token)
+        if grammar is not None and grammar.is_stopped():
+            # The grammar accepted (EOS taken, or nothing may follow): done; an EOS token is not text.
+            if token not in req.eos_token_ids:
+                detok.push([token])
+            reason = FinishReason.STOP
+        elif token in params.stop_token_ids and n_out >= params.min_tokens:
             reason, stop_reason = FinishReason.STOP, token
         elif token in req.eos_token_ids and not params.ignore_eos and n_out >= params.min_tokens:
             reason = FinishReason.STOP

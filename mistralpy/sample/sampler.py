@@ -2,7 +2,9 @@
 
 Order of operations (each step only touches the rows that use it; all math in float32):
 
-1. Logit masks: while ``len(output) < min_tokens`` the row's ``eos_token_ids`` and
+1. Logit masks: rows with a ``grammar`` (a :class:`mistralpy.structured.GrammarMatcher`) keep only the
+   tokens the grammar allows next (the others are -inf; the caller feeds the sampled token back to
+   the matcher). Then, while ``len(output) < min_tokens`` the row's ``eos_token_ids`` and
    ``params.stop_token_ids`` are set to -inf (regardless of ``ignore_eos``).
 2. DRY (:mod:`mistralpy.sample.dry`) over the whole context, prompt + output.
 3. Repetition penalty (HF / CTRL, over prompt + output tokens: positive logits divided, negative
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -55,6 +58,7 @@ class SamplingRow:
     generator: torch.Generator | None  # per-request, seeded from params.seed; None -> Sampler's shared one
     eos_token_ids: frozenset[int]  # masked while len(output) < min_tokens
     dry_breaker_ids: frozenset[int] = frozenset()  # token ids that break DRY sequences
+    grammar: Any = None  # GrammarMatcher (mistralpy.structured) of a constrained row, else None
 
 
 @dataclass(slots=True)
@@ -96,7 +100,7 @@ def _min_tokens_active(row: SamplingRow) -> bool:
 
 def _needs_processing(row: SamplingRow) -> bool:
     p = row.params
-    return bool(_min_tokens_active(row) or p.dry_multiplier > 0
+    return bool(row.grammar is not None or _min_tokens_active(row) or p.dry_multiplier > 0
                 or (p.repetition_penalty is not None and p.repetition_penalty != 1.0)
                 or p.presence_penalty or p.frequency_penalty or p.logit_bias)
 
@@ -107,7 +111,20 @@ def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.T
     B, V = x.shape
     dev = x.device
 
-    # 1. min_tokens: no EOS / stop token before the minimum length.
+    # 1. Grammar masks (constrained rows only): disallowed tokens -> -inf.
+    g_rows, g_masks = [], []
+    for i, r in enumerate(rows):
+        if r.grammar is not None:
+            allowed = r.grammar.allowed_mask(V)
+            if allowed is not None:
+                g_rows.append(i)
+                g_masks.append(allowed)
+    if g_rows:
+        idx = torch.tensor(g_rows, device=dev)
+        blocked = ~torch.stack(g_masks).to(dev, non_blocking=True)
+        x[idx] = x.index_select(0, idx).masked_fill_(blocked, float("-inf"))
+
+    # min_tokens: no EOS / stop token before the minimum length.
     mask_rows = [i for i, r in enumerate(rows) if _min_tokens_active(r)]
     if mask_rows:
         apply_token_mask(x, mask_rows, [set(rows[i].eos_token_ids) | set(rows[i].params.stop_token_ids)

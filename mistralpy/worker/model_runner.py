@@ -141,7 +141,8 @@ class ModelRunner:
         logits = self.compute_logits(sched)
         rows = [SamplingRow(params=s.req.params, prompt_token_ids=s.req.prompt_token_ids,
                             output_token_ids=s.req.output_token_ids, generator=s.req.generator,
-                            eos_token_ids=s.req.eos_token_ids, dry_breaker_ids=s.req.dry_breaker_ids)
+                            eos_token_ids=s.req.eos_token_ids, dry_breaker_ids=s.req.dry_breaker_ids,
+                            grammar=s.req.grammar)
                 for s in sched.seqs if s.samples]
         if not rows:
             return None
