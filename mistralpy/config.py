@@ -79,6 +79,9 @@ class ModelConfig:
     max_model_len: int
     generation_config: dict[str, Any] = field(default_factory=dict)
     gguf_files: list[Path] | None = None  # weights come from these GGUF parts instead of safetensors
+    # The builder's open readers of gguf_files (parsing a GGUF's metadata takes seconds): the loader
+    # reads the tensors from them and drops them.
+    gguf_readers: list[Any] | None = None
     isq: Any = None  # a GGMLQuantizationType: quantize linear weights to it while loading
     topology: Any = None  # quant.topology.Topology: per-layer ISQ types
     progress: Any = None  # loading.model_loader.ProgressFn: told as each tensor loads

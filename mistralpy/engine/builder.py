@@ -95,7 +95,7 @@ def build_gguf_model_config(path: Path, opts: EngineOptions) -> tuple[ModelConfi
     dtype = resolve_dtype(opts.dtype, device, "bfloat16")
     model_config = ModelConfig(path=path, hf_config=hf_config, architecture=arch, dtype=dtype,
                                max_model_len=derive_max_model_len(hf_config, opts.max_model_len),
-                               gguf_files=files)
+                               gguf_files=files, gguf_readers=readers)
     if opts.tokenizer:
         tokenizer = _tokenizer_from_option(opts)
     else:

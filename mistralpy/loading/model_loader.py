@@ -15,13 +15,12 @@ from mistralpy.config import ModelConfig
 from mistralpy.layers.embedding import LMHead
 from mistralpy.layers.linear import Linear
 from mistralpy.layers.matmul import prepack_linear_weights
-from mistralpy.quant.isq import head_type
-from mistralpy.quant.topology import Topology
-from mistralpy.loading.gguf_loader import (gguf_architecture, hf_tensor_name, iter_gguf_tensors, metadata,
-                                           open_readers)
+from mistralpy.loading.gguf_loader import GGUF_ARCHITECTURES, hf_tensor_name, iter_gguf_tensors, open_readers
 from mistralpy.loading.safetensors_reader import iter_safetensors, safetensors_files
 from mistralpy.models.base import CausalLM
 from mistralpy.models.registry import get_model_class
+from mistralpy.quant.isq import head_type
+from mistralpy.quant.topology import Topology
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +113,9 @@ def load_model(model_config: ModelConfig, device: torch.device, backend: Attenti
         apply_isq(model, model_config.isq, model_config.topology)
     progress = progress or model_config.progress
     if model_config.gguf_files:
-        readers = open_readers(model_config.gguf_files)
-        _, arch = gguf_architecture(metadata(readers[0]))
+        readers = model_config.gguf_readers or open_readers(model_config.gguf_files)
+        model_config.gguf_readers = None  # loaded once; the file's pages need not stay mapped
+        arch = GGUF_ARCHITECTURES[model_config.text_config["model_type"]]
         tensors = iter_gguf_tensors(readers, model_config.text_config, arch.permute_qk)
         if progress is not None:
             kept = [t for r in readers for t in r.tensors if hf_tensor_name(t.name) is not None]
