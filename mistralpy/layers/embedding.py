@@ -12,11 +12,10 @@ from gguf import GGMLQuantizationType as Q
 from torch import nn
 
 from mistralpy.errors import ModelLoadError
-from mistralpy.layers.linear import Kernel, make_kernel
+from mistralpy.layers.linear import Kernel, isq_encode, kernel_or_float, make_kernel
 from mistralpy.layers.matmul import linear
 from mistralpy.quant.gguf_dequant import dequantize
 from mistralpy.quant.gguf_tensor import GGUFTensor
-from mistralpy.quant.isq import QuantizedWeight, quantize_tensor
 
 
 class VocabEmbedding(nn.Module):
@@ -71,17 +70,11 @@ class LMHead(nn.Module):
         if tuple(loaded.shape) != tuple(param.shape):
             raise ModelLoadError(f"checkpoint shape {tuple(loaded.shape)} does not match the model's "
                                  f"{tuple(param.shape)}")
-        if self.isq is not None and not isinstance(loaded, GGUFTensor):
-            loaded = quantize_tensor(loaded, self.isq)
-        if isinstance(loaded, QuantizedWeight):
-            self._use_kernel(loaded.make_kernel(param.dtype, param.device))
-            return
-        if isinstance(loaded, GGUFTensor):
-            if loaded.is_quantized:
-                self._use_kernel(make_kernel(loaded, param.dtype, param.device))
-                return
-            loaded = loaded.to_float(param.dtype)
-        param.data.copy_(loaded)
+        value = kernel_or_float(isq_encode(loaded, self.isq), param.dtype, param.device)
+        if isinstance(value, torch.Tensor):
+            param.data.copy_(value)
+        else:
+            self._use_kernel(value)
 
     def _use_kernel(self, kernel: Kernel) -> None:
         if "weight" in self._parameters:

@@ -60,6 +60,26 @@ def make_kernel(t: GGUFTensor, dtype: torch.dtype, device: torch.device) -> Kern
     return make_gguf_kernel(rows, t.qtype, out_features, in_features, dtype=dtype, device=device)
 
 
+def isq_encode(loaded: torch.Tensor | GGUFTensor, isq: Q | IsqType | None
+               ) -> torch.Tensor | GGUFTensor | QuantizedWeight:
+    """A float checkpoint tensor encoded to the ISQ type `isq` (unchanged without one or when the
+    checkpoint is already quantized)."""
+    if isq is None or isinstance(loaded, GGUFTensor):
+        return loaded
+    return quantize_tensor(loaded, isq)
+
+
+def kernel_or_float(loaded: torch.Tensor | GGUFTensor | QuantizedWeight, dtype: torch.dtype,
+                    device: torch.device) -> Kernel | torch.Tensor:
+    """What a weight loader does with a checkpoint value: a quantized kernel for a quantized one,
+    else the float values to copy into the parameter."""
+    if isinstance(loaded, QuantizedWeight):
+        return loaded.make_kernel(dtype, device)
+    if isinstance(loaded, GGUFTensor):
+        return make_kernel(loaded, dtype, device) if loaded.is_quantized else loaded.to_float(dtype)
+    return loaded
+
+
 def _shard_kernel(s: GGUFTensor | QuantizedWeight, dtype: torch.dtype, device: torch.device) -> Kernel:
     if isinstance(s, QuantizedWeight):
         return s.make_kernel(dtype, device)
@@ -100,21 +120,11 @@ class Linear(nn.Module):
         if _shape_of(loaded) != (self.out_features, self.in_features):
             raise ModelLoadError(f"checkpoint shape {_shape_of(loaded)} does not match "
                                  f"[{self.out_features}, {self.in_features}]")
-        loaded = self._maybe_isq(loaded)
-        if isinstance(loaded, QuantizedWeight):
-            self.use_kernel(loaded.make_kernel(param.dtype, param.device))
-            return
-        if isinstance(loaded, GGUFTensor):
-            if loaded.is_quantized:
-                self.use_kernel(make_kernel(loaded, param.dtype, param.device))
-                return
-            loaded = loaded.to_float(param.dtype)
-        param.data.copy_(loaded)
-
-    def _maybe_isq(self, loaded: torch.Tensor | GGUFTensor) -> torch.Tensor | GGUFTensor | QuantizedWeight:
-        if self.isq is None or isinstance(loaded, GGUFTensor):
-            return loaded
-        return quantize_tensor(loaded, self.isq)
+        value = kernel_or_float(isq_encode(loaded, self.isq), param.dtype, param.device)
+        if isinstance(value, torch.Tensor):
+            param.data.copy_(value)
+        else:
+            self.use_kernel(value)
 
     def use_kernel(self, kernel: Kernel) -> None:
         """Multiply with `kernel` from now on; the float weight is dropped (its memory freed)."""
@@ -152,7 +162,7 @@ class MergedLinear(Linear):
         start, size = self._shard_range(loaded, shard)
         if _shape_of(loaded)[1] != self.in_features:
             raise ModelLoadError(f"shard {shard} expects {self.in_features} columns, got {_shape_of(loaded)}")
-        loaded = self._maybe_isq(loaded)
+        loaded = isq_encode(loaded, self.isq)
         if isinstance(loaded, (GGUFTensor, QuantizedWeight)):
             # Held until every shard is in: only then is the kernel layout known.
             self._gguf_shards[shard] = loaded
