@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from fixtures_models import build_checkpoint
+from fixtures_server import running_server
 
 from mistralpy import AsyncEngine
 from mistralpy.server import ServerOptions, create_app
@@ -21,11 +19,6 @@ MAX_LEN = 256
 CHAT = [{"role": "user", "content": "Hello there, how are you?"}]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tokenizer_dir):
@@ -33,17 +26,8 @@ def server(tmp_path_factory, tokenizer_dir):
     engine = AsyncEngine(str(ckpt), dtype="f32", num_kv_blocks=320, max_model_len=MAX_LEN, max_seqs=32)
     app = create_app(engine, ServerOptions(served_model_name=NAME, api_key=KEY, cors_origins=("*",),
                                            max_body_bytes=256 * 1024, log_interval_s=1.0))
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", engine
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with running_server(app) as base:
+        yield base, engine
     engine.shutdown()
 
 

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from fixtures_models import build_checkpoint
+from fixtures_server import free_port, running_server
 
 from mistralpy.errors import InvalidRequestError
 from mistralpy.server import ServerOptions, create_app
@@ -23,11 +21,6 @@ KEY = "admin-key"
 CHAT = [{"role": "user", "content": "Hello there, how are you?"}]
 TINY = 'dtype = "f32"\nnum_kv_blocks = 32\nmax_model_len = 128\nmax_seqs = 4\n'
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -45,17 +38,8 @@ def config(tmp_path_factory, tokenizer_dir):
 def server(config):
     registry = ModelRegistry.from_specs(load_config(config))
     app = create_app(registry, ServerOptions(api_key=KEY, log_interval_s=0))
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert time.time() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", registry
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with running_server(app) as base:
+        yield base, registry
     registry.shutdown()
 
 
@@ -154,7 +138,7 @@ def test_config_errors(tmp_path):
 
 
 def test_serve_config_cli(config, tmp_path):
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "serve.log"
     with log_path.open("w") as log_file:
         proc = subprocess.Popen([sys.executable, "-m", "mistralpy.cli.main", "serve", "--config", str(config),
