@@ -33,6 +33,14 @@ log = logging.getLogger(__name__)
 class GGUFArch:
     hf_architecture: str
     permute_qk: bool  # rows of q/k were permuted by llama.cpp's converter
+    # Module under mistralpy.loading.gguf_families with this family's hooks (see that package's
+    # docstring): extra config keys, extra tensor names, tensors to split or adjust.
+    family: str | None = None
+
+    def hooks(self) -> Any:
+        from mistralpy.loading.gguf_families import family_hooks
+
+        return family_hooks(self.family)
 
 
 # llama.cpp `general.architecture` -> our model. Grows with the model families.
@@ -151,6 +159,7 @@ def hf_config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> dict[st
     scaling = _rope_scaling(get)
     if scaling is not None:
         cfg["rope_scaling"] = scaling
+    info.hooks().update_config(cfg, get, meta, tensor_names)
     return cfg
 
 
@@ -214,15 +223,20 @@ def _rope_scaling(get) -> dict[str, Any] | None:
     return out
 
 
-def hf_tensor_name(name: str) -> str | None:
-    """GGUF tensor name -> our (HF) parameter name; None for tensors we skip. Unknown names raise."""
-    if name in _SKIPPED:
+def hf_tensor_name(name: str, arch: GGUFArch | None = None) -> str | None:
+    """GGUF tensor name -> our (HF) parameter name; None for tensors we skip. Unknown names raise.
+
+    A family's hooks may add names (``GLOBAL_NAMES`` / ``LAYER_NAMES``, same shapes as ours)."""
+    hooks = arch.hooks() if arch is not None else None
+    if name in _SKIPPED or (hooks is not None and name in hooks.SKIPPED):
         return None
-    if name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[name]
+    global_names = _GLOBAL_NAMES if hooks is None else {**_GLOBAL_NAMES, **hooks.GLOBAL_NAMES}
+    if name in global_names:
+        return global_names[name]
     m = _LAYER_RE.match(name)
-    if m and m.group(2) in _LAYER_NAMES:
-        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    layer_names = _LAYER_NAMES if hooks is None else {**_LAYER_NAMES, **hooks.LAYER_NAMES}
+    if m and m.group(2) in layer_names:
+        return f"model.layers.{m.group(1)}.{layer_names[m.group(2)]}.{m.group(3)}"
     raise ModelLoadError(f"GGUF tensor {name!r} has no place in this model")
 
 
@@ -239,13 +253,17 @@ def _as_tensor(arr: np.ndarray) -> torch.Tensor:
 
 
 def iter_gguf_tensors(readers: list[GGUFReader], hf_config: dict[str, Any],
-                      permute_qk: bool) -> Iterator[tuple[str, GGUFTensor]]:
-    """Yield (our parameter name, GGUFTensor) for every tensor of the (split) file."""
+                      arch: GGUFArch) -> Iterator[tuple[str, GGUFTensor]]:
+    """Yield (our parameter name, GGUFTensor) for every tensor of the (split) file.
+
+    The family's ``convert`` hook sees each one and may rename, split or adjust it."""
     heads = hf_config["num_attention_heads"]
     kv_heads = hf_config["num_key_value_heads"]
+    permute_qk = arch.permute_qk
+    convert = arch.hooks().convert
     for reader in readers:
         for t in reader.tensors:
-            name = hf_tensor_name(t.name)
+            name = hf_tensor_name(t.name, arch)
             if name is None:
                 continue
             qtype = Q(t.tensor_type)
@@ -258,4 +276,4 @@ def iter_gguf_tensors(readers: list[GGUFReader], hf_config: dict[str, Any],
                 raw = _unpermute_rows(raw.reshape(shape[0], -1), heads).reshape(raw.shape)
             elif permute_qk and (name.endswith("k_proj.weight") or name.endswith("k_proj.bias")):
                 raw = _unpermute_rows(raw.reshape(shape[0], -1), kv_heads).reshape(raw.shape)
-            yield name, GGUFTensor(raw, qtype, shape)
+            yield from convert(name, GGUFTensor(raw, qtype, shape), hf_config)

@@ -116,9 +116,9 @@ def load_model(model_config: ModelConfig, device: torch.device, backend: Attenti
         readers = model_config.gguf_readers or open_readers(model_config.gguf_files)
         model_config.gguf_readers = None  # loaded once; the file's pages need not stay mapped
         arch = GGUF_ARCHITECTURES[model_config.text_config["model_type"]]
-        tensors = iter_gguf_tensors(readers, model_config.text_config, arch.permute_qk)
+        tensors = iter_gguf_tensors(readers, model_config.text_config, arch)
         if progress is not None:
-            kept = [t for r in readers for t in r.tensors if hf_tensor_name(t.name) is not None]
+            kept = [t for r in readers for t in r.tensors if hf_tensor_name(t.name, arch) is not None]
             totals = len(kept), sum(int(t.n_bytes) for t in kept)
     else:
         files = safetensors_files(Path(model_config.path))
