@@ -1,0 +1,125 @@
+"""Mixture-of-experts building blocks shared by the MoE families (Mixtral, Qwen3-MoE, Phi-3.5-MoE,
+DeepSeek).
+
+``FusedExperts`` holds ``num_experts`` gated MLPs, each an ordinary ``MergedLinear`` gate/up
+projection and a ``Linear`` down projection, so ISQ and GGUF kernels apply per expert exactly as
+they do to a dense MLP. Tokens are grouped per expert (one argsort by expert id), each expert that
+received tokens runs once on its rows, and the routing-weighted results are added back in float32.
+
+Weight names. Our parameters are ``...experts.{e}.gate_up_proj.weight`` (shards gate=0, up=1) and
+``...experts.{e}.down_proj.weight``. Families map their checkpoint names onto these with
+``stacked_params`` / ``map_weight_name`` (mistralpy/models/base.py):
+
+- Mixtral / Phi-MoE: ``experts.{e}.w1`` (gate) / ``w3`` (up) / ``w2`` (down);
+- Qwen3-MoE / DeepSeek: ``experts.{e}.gate_proj`` / ``up_proj`` / ``down_proj``;
+- transformers 5 fused 3-D tensors ``experts.gate_up_proj`` [E, 2I, H] and ``experts.down_proj``
+  [E, H, I]: ``split_fused_experts`` turns one into per-expert 2-D tensors under the names above.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from mistralpy.layers.activation import act_and_mul, get_act_fn
+from mistralpy.layers.linear import Linear, MergedLinear
+
+
+class ExpertMLP(nn.Module):
+    """One expert: down(act(gate(x)) * up(x)), gate and up fused into one matmul."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu", bias: bool = False) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size, intermediate_size], bias=bias)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
+        self.act_fn = get_act_fn(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(act_and_mul(self.gate_up_proj(x), self.act_fn))
+
+
+class FusedExperts(nn.Module):
+    """``num_experts`` SwiGLU-style expert MLPs applied to routed tokens.
+
+    ``self.experts[e].gate_up_proj`` (MergedLinear [2*inter, hidden], shards gate=0, up=1) and
+    ``self.experts[e].down_proj`` (Linear [hidden, inter]) are ordinary layers, so ISQ and GGUF
+    kernels apply per expert.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: str = "silu",
+                 bias: bool = False) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.hidden_size = hidden_size
+        self.experts = nn.ModuleList(ExpertMLP(hidden_size, intermediate_size, act, bias)
+                                     for _ in range(num_experts))
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """x [T, H]; topk_weights [T, k] float32 (already normalised as the family wants);
+        topk_ids [T, k] int64 -> [T, H] in x's dtype.
+
+        Each (token, slot) pair is one row of work; rows are sorted by expert so every expert
+        that got tokens runs once on a contiguous gather of its rows.
+        """
+        t, k = topk_ids.shape
+        flat_ids = topk_ids.reshape(-1)
+        order = torch.argsort(flat_ids, stable=True)  # stable: deterministic per-token order
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        token_of_row = order // k
+        weights = topk_weights.reshape(-1)[order].to(torch.float32).unsqueeze(-1)
+        out = torch.zeros(t, x.shape[-1], dtype=torch.float32, device=x.device)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            rows = token_of_row[start:start + n]
+            y = self.experts[e](x.index_select(0, rows))
+            out.index_add_(0, rows, y.float() * weights[start:start + n])
+            start += n
+        return out.to(x.dtype)
+
+
+def topk_softmax_routing(router_logits: torch.Tensor, top_k: int, renormalize: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over all experts (float32), keep the top_k; with ``renormalize`` the kept
+    probabilities are rescaled to sum to 1 (Mixtral; Qwen3-MoE's ``norm_topk_prob``).
+
+    router_logits [T, E] -> (topk_weights [T, k] float32, topk_ids [T, k] int64).
+    """
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def split_fused_experts(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """A transformers-5 fused expert tensor -> per-expert checkpoint names our loader understands.
+
+    ``...experts.gate_up_proj`` [E, 2I, H] -> ``...experts.{e}.gate_proj.weight`` [I, H] and
+    ``...experts.{e}.up_proj.weight`` (first half gate, second half up, as transformers chunks it);
+    ``...experts.down_proj`` [E, H, I] -> ``...experts.{e}.down_proj.weight``. Bias variants
+    (``gate_up_proj_bias`` [E, 2I], ``down_proj_bias`` [E, H]) likewise. Other names pass through.
+    """
+    prefix, _, leaf = name.rpartition(".")
+    if not prefix.endswith("experts") or tensor.dim() not in (2, 3):
+        yield name, tensor
+        return
+    kind = "weight" if tensor.dim() == 3 else "bias"
+    if leaf in ("gate_up_proj", "gate_up_proj_bias") and (kind == "weight") == (leaf == "gate_up_proj"):
+        for e, fused in enumerate(tensor):
+            gate, up = fused.chunk(2, dim=0)
+            yield f"{prefix}.{e}.gate_proj.{kind}", gate
+            yield f"{prefix}.{e}.up_proj.{kind}", up
+    elif leaf in ("down_proj", "down_proj_bias") and (kind == "weight") == (leaf == "down_proj"):
+        for e, down in enumerate(tensor):
+            yield f"{prefix}.{e}.down_proj.{kind}", down
+    else:
+        yield name, tensor
+
+
+def split_all_fused_experts(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``split_fused_experts`` over a whole checkpoint stream."""
+    for name, tensor in weights:
+        yield from split_fused_experts(name, tensor)
