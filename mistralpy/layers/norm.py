@@ -27,3 +27,16 @@ class RMSNorm(nn.Module):
         if self.offset:
             return (h * (self.offset + self.weight.float())).to(dtype)
         return self.weight * h.to(dtype)
+
+
+class LayerNorm(nn.Module):
+    """(x - mean(x)) / std(x) * w + b, exactly torch.nn.LayerNorm (Phi-2, StarCoder2)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, bias: bool = True) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(hidden_size), requires_grad=False) if bias else None
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
