@@ -82,9 +82,9 @@ def test_refusals(runner, ckpt):
     assert issubclass(UnsupportedModelKindError, NotImplementedError)
     with pytest.raises(UnsupportedModelKindError, match="speculative"):
         Runner(which=Which.Plain(model_id=str(ckpt)), which_draft=Which.Plain(model_id=str(ckpt)))
-    with pytest.raises(UnsupportedModelKindError, match="grammar"):
+    with pytest.raises(InvalidRequestError, match="grammar_type"):
         runner.send_chat_completion_request(ChatCompletionRequest(model="default", messages=CHAT, grammar="x",
-                                                                  grammar_type="regex"))
+                                                                  grammar_type="ebnf"))
     with pytest.raises(InvalidRequestError, match="only text content parts"):
         image = {"type": "image_url", "image_url": {"url": "x"}}
         runner.send_chat_completion_request(ChatCompletionRequest(
@@ -95,6 +95,24 @@ def test_refusals(runner, ckpt):
         Runner(which=Which.Plain(model_id=str(ckpt), arch=Architecture.Gemma2), **SMALL)
     with pytest.raises(InvalidRequestError, match="unexpected keyword"):
         Runner(which=Which.Plain(model_id=str(ckpt)), not_an_option=1)
+
+
+def test_grammar_and_response_format(runner):
+    """mistral.rs's grammar/grammar_type pair and OpenAI's response_format constrain the output."""
+    import json
+    import re
+
+    res = runner.send_chat_completion_request(ChatCompletionRequest(
+        model="default", messages=CHAT, grammar=r"[a-c]{3}-[0-9]{2}", grammar_type="regex", max_tokens=20,
+        temperature=1.0, seed=3))
+    assert re.fullmatch(r"[a-c]{3}-[0-9]{2}", res.choices[0].message.content)
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999}}, "required": ["n"],
+              "additionalProperties": False}
+    res = runner.send_chat_completion_request(ChatCompletionRequest(
+        model="default", messages=CHAT, max_tokens=200, temperature=1.0, seed=4,
+        response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}))
+    assert res.choices[0].finish_reason == "stop"
+    assert 0 <= json.loads(res.choices[0].message.content)["n"] <= 999
 
 
 def test_isq_plain_and_arch_name(ckpt):

@@ -43,11 +43,25 @@ class _Sampling:
     ignore_eos: bool = False
     min_tokens: int = 0
 
+    def _grammar(self) -> dict[str, Any] | None:
+        """mistral.rs's grammar + grammar_type pair as our {"type", "value"} grammar."""
+        if self.grammar is None:
+            if self.grammar_type is not None:
+                raise InvalidRequestError("grammar_type given without grammar", "grammar")
+            return None
+        kind = {"json": "json_schema", "json_schema": "json_schema", "regex": "regex", "lark": "lark",
+                "llguidance": "llguidance"}.get((self.grammar_type or "regex").lower())
+        if kind is None:
+            raise InvalidRequestError(f"unknown grammar_type {self.grammar_type!r}; use regex, json_schema, lark "
+                                      "or llguidance", "grammar_type")
+        return {"type": kind, "value": self.grammar}
+
     def _check_unsupported(self) -> None:
-        if self.grammar is not None or self.grammar_type is not None:
-            raise UnsupportedModelKindError("grammar / grammar_type (structured output) is not supported yet")
         if self.adapters:
             raise UnsupportedModelKindError("adapters (LoRA) are not supported yet")
+
+    def _response_format(self) -> Any:
+        return None
 
     def sampling_params(self, *, logprobs: bool = False, top_logprobs: int = 0, n: int | None = None) -> SamplingParams:
         self._check_unsupported()
@@ -61,7 +75,8 @@ class _Sampling:
             "dry_sequence_breakers": self.dry_sequence_breakers, "seed": self.seed, "logprobs": logprobs,
             "top_logprobs": top_logprobs, "ignore_eos": self.ignore_eos, "min_tokens": self.min_tokens,
             "stop": [stop] if isinstance(stop, str) else stop,
-            "logit_bias": {int(k): float(v) for k, v in self.logit_bias.items()} if self.logit_bias else None}
+            "logit_bias": {int(k): float(v) for k, v in self.logit_bias.items()} if self.logit_bias else None,
+            "grammar": self._grammar(), "response_format": self._response_format()}
         try:
             return SamplingParams(**{k: v for k, v in values.items() if v is not None})
         except TypeError as exc:
@@ -81,12 +96,13 @@ class ChatCompletionRequest(_Sampling):
     response_format: Any = None
     web_search_options: Any = None
     enable_thinking: bool | None = None
+    reasoning_effort: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
+    def _response_format(self) -> Any:
+        return self.response_format
+
     def sampling(self) -> SamplingParams:
-        if self.response_format is not None and not (isinstance(self.response_format, dict)
-                                                     and self.response_format.get("type") == "text"):
-            raise UnsupportedModelKindError("response_format (structured output) is not supported yet")
         if self.web_search_options is not None:
             raise UnsupportedModelKindError("web_search_options is not supported")
         return self.sampling_params(logprobs=self.logprobs, top_logprobs=self.top_logprobs or 0)

@@ -69,34 +69,34 @@ class Runner:
         if not isinstance(request, ChatCompletionRequest):
             raise InvalidRequestError("send_chat_completion_request takes a ChatCompletionRequest", "request")
         params = request.sampling()
+        spec = None
         if isinstance(request.messages, str):  # mistral.rs: a string is an already templated prompt
             prompt, special = request.messages, True
         else:
-            prompt = self.engine.render_chat(request.messages, tools=request.tool_schemas,
-                                             chat_template_kwargs=request.chat_template_kwargs,
-                                             enable_thinking=request.enable_thinking)
+            prompt, params, spec = self.engine.prepare_chat(
+                request.messages, params, tools=request.tool_schemas, tool_choice=request.tool_choice,
+                chat_template_kwargs=request.chat_template_kwargs, enable_thinking=request.enable_thinking,
+                reasoning_effort=request.reasoning_effort)
             special = False  # the template wrote BOS where the model wants it
         tracker, reqs = self._prepare(prompt, params, special, request.truncate_sequence)
         chat_id, created = oai.new_chat_id(), oai.now()
         model = self._model_name(request.model)
         if request.stream:
-            return self._chat_stream(tracker, reqs, model, chat_id, created)
+            chunker = oai.ChatChunker(spec, model=model, chat_id=chat_id, created=created)
+            return self._chat_stream(tracker, reqs, chunker)
         timing = _Timing()
         for _ in timing.watch(self.engine._stream(tracker, reqs)):
             pass
-        result = oai.chat_completion(tracker.snapshot(), model=model, chat_id=chat_id, created=created)
+        result = oai.chat_completion(tracker.snapshot(), model=model, chat_id=chat_id, created=created, spec=spec)
         return _finish(result, timing, tracker)
 
-    def _chat_stream(self, tracker, reqs, model: str, chat_id: str, created: int) -> Iterator[OpenAIObject]:
-        seen: set[int] = set()
+    def _chat_stream(self, tracker, reqs, chunker: oai.ChatChunker) -> Iterator[OpenAIObject]:
         timing = _Timing()
         for out in timing.watch(self.engine._stream(tracker, reqs)):
-            delta = out.outputs[0]
-            chunk = oai.chat_chunk(delta, model=model, chat_id=chat_id, created=created, first=delta.index not in seen)
-            seen.add(delta.index)
-            if tracker.finished:
-                chunk = _finish(chunk, timing, tracker)
-            yield chunk
+            chunks = chunker.chunks(out.outputs[0])
+            if tracker.finished and chunks:
+                chunks[-1] = _finish(chunks[-1], timing, tracker)
+            yield from chunks
 
     # ---- text completions ------------------------------------------------------------------------
     def send_completion_request(self, request: CompletionRequest) -> OpenAIObject | Iterator[OpenAIObject]:

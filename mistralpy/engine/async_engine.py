@@ -88,36 +88,37 @@ class AsyncEngine:
         return list(await asyncio.gather(*(self.generate_one(p, sp) for p, sp in zip(prompts, params))))
 
     async def chat(self, messages: Sequence[dict[str, Any]], *, stream: bool = False, tools: list[dict] | None = None,
-                   add_generation_prompt: bool = True, chat_template_kwargs: dict[str, Any] | None = None,
-                   enable_thinking: bool | None = None, sampling_params: SamplingParams | None = None,
+                   tool_choice: Any = None, add_generation_prompt: bool = True,
+                   chat_template_kwargs: dict[str, Any] | None = None, enable_thinking: bool | None = None,
+                   reasoning_effort: str | None = None, sampling_params: SamplingParams | None = None,
                    stream_options: dict[str, Any] | None = None, **sampling: Any) -> OpenAIObject | AsyncIterator[OpenAIObject]:
-        """Awaitable chat completion; with stream=True, an async iterator of chunks."""
+        """Awaitable chat completion; with stream=True, an async iterator of chunks (see Engine.chat)."""
         params = sampling_from_kwargs(sampling, sampling_params)
-        text = self.engine.render_chat(messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                                       chat_template_kwargs=chat_template_kwargs, enable_thinking=enable_thinking)
+        text, params, spec = self.engine.prepare_chat(
+            messages, params, tools=tools, tool_choice=tool_choice, add_generation_prompt=add_generation_prompt,
+            chat_template_kwargs=chat_template_kwargs, enable_thinking=enable_thinking,
+            reasoning_effort=reasoning_effort)
         tracker, reqs = self.engine._prepare(text, params, add_special_tokens=False)
         chat_id, created = oai.new_chat_id(), oai.now()
         name = self.engine.model_name
         if stream:
             include_usage = bool((stream_options or {}).get("include_usage"))
-            return self._chat_chunks(tracker, reqs, chat_id, created, include_usage)
+            chunker = oai.ChatChunker(spec, model=name, chat_id=chat_id, created=created)
+            return self._chat_chunks(tracker, reqs, chunker, include_usage)
         start = time.perf_counter()
         async for update in self._updates(tracker, reqs):
             tracker.apply(update)
         return oai.chat_completion(tracker.snapshot(), model=name, chat_id=chat_id, created=created,
-                                   elapsed_s=time.perf_counter() - start)
+                                   elapsed_s=time.perf_counter() - start, spec=spec)
 
-    async def _chat_chunks(self, tracker: RequestTracker, reqs: list, chat_id: str, created: int,
+    async def _chat_chunks(self, tracker: RequestTracker, reqs: list, chunker: oai.ChatChunker,
                            include_usage: bool) -> AsyncIterator[OpenAIObject]:
-        seen: set[int] = set()
-        name = self.engine.model_name
         async for update in self._updates(tracker, reqs):
-            delta = tracker.apply(update)
-            first = delta.index not in seen
-            seen.add(delta.index)
-            yield oai.chat_chunk(delta, model=name, chat_id=chat_id, created=created, first=first)
+            for chunk in chunker.chunks(tracker.apply(update)):
+                yield chunk
         if include_usage:
-            yield oai.usage_chunk(tracker.snapshot(), model=name, chat_id=chat_id, created=created)
+            yield oai.usage_chunk(tracker.snapshot(), model=chunker.model, chat_id=chunker.chat_id,
+                                  created=chunker.created)
 
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)

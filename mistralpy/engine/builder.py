@@ -49,6 +49,9 @@ class EngineOptions:
     gguf_file: str | None = None  # a .gguf file inside `model` (a hub repo or folder), like `-f`
     isq: str | int | None = None  # in-situ quantization type (Q4K, Q8_0, ... or 2/3/4/5/6/8)
     topology: str | dict | None = None  # YAML file (or its dict): per-layer ISQ types
+    # Tool-call / reasoning output formats (mistralpy.tools names); None: detected from the chat template.
+    tool_parser: str | None = None
+    reasoning_parser: str | None = None
     compile: bool = False  # torch.compile decode steps (worker/compile.py): faster steps, ~25 s to compile
     # Called as weights load: progress(tensors_done, tensors_total, bytes_done, bytes_total, what)
     # (loading/model_loader.ProgressFn; the CLI passes cli/progress.LoadProgress). None: silent.

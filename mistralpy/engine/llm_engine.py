@@ -6,13 +6,15 @@ together by the scheduler (continuous batching).
 from __future__ import annotations
 
 import dataclasses
+import json
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from mistralpy.engine import openai_format as oai
+from mistralpy.engine.chat_output import ChatSpec, chat_spec
 from mistralpy.engine.builder import EngineOptions, build_core, generation_defaults
 from mistralpy.engine.core import EngineCore, SeqUpdate
 from mistralpy.engine.input_processor import InputProcessor, Prompt, is_token_ids, new_request_id
@@ -60,8 +62,24 @@ def normalize_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any
             msg["content"] = "\n".join(texts)
         elif content is not None and not isinstance(content, str):
             raise InvalidRequestError(f"messages[{i}].content must be a string or a list of parts", "messages")
+        if msg.get("tool_calls"):
+            msg["tool_calls"] = [_template_tool_call(c) for c in msg["tool_calls"]]
         out.append(msg)
     return out
+
+
+def _template_tool_call(call: Any) -> Any:
+    """OpenAI sends a call's arguments as JSON text; chat templates expect the object (as
+    transformers' and vLLM's do), and would otherwise encode the text a second time."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+        try:
+            args = json.loads(fn["arguments"])
+        except ValueError:
+            return call
+        if isinstance(args, dict):
+            return {**call, "function": {**fn, "arguments": args}}
+    return call
 
 
 class _Collector:
@@ -97,6 +115,26 @@ class Engine:
         self.generation_defaults = generation_defaults(self.model_config.generation_config)
         self.inputs = InputProcessor(self.tokenizer, self.model_config.vocab_size, self.generation_defaults,
                                      self.core.max_total_tokens, self.core.config.device)
+        self.tool_parser, self.reasoning_parser = self._output_formats()
+
+    def _output_formats(self) -> tuple[str | None, str | None]:
+        """The model's tool-call and reasoning formats: configured, else detected from its template."""
+        try:
+            from mistralpy.tools import (TOOL_PARSERS, detect_reasoning_parser, detect_tool_parser,
+                                         get_reasoning_parser)
+        except ImportError:  # TEMP while mistralpy.tools is being written
+            return None, None
+
+        template = self.tokenizer.chat_template.source if self.tokenizer.chat_template is not None else None
+        model_type = self.model_config.hf_config.get("model_type")
+        tool = self.options.tool_parser or detect_tool_parser(template, model_type)
+        if tool is not None and tool not in TOOL_PARSERS:
+            raise InvalidRequestError(f"unknown tool parser {tool!r}; known: {', '.join(sorted(TOOL_PARSERS))}",
+                                      "tool_parser")
+        reasoning = self.options.reasoning_parser or detect_reasoning_parser(template, model_type)
+        if reasoning is not None:
+            get_reasoning_parser(reasoning)  # an unknown name is an error now, not at the first request
+        return tool, reasoning
 
     # ---- text in, text out -------------------------------------------------------------------
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -111,6 +149,10 @@ class Engine:
         params = self.inputs.resolve_params(params)
         rid = new_request_id()
         reqs = self.inputs.make_requests(rid, ids, params)
+        key = params.structured
+        if key is not None:  # on the caller's thread: a grammar the matcher rejects is this caller's error
+            for req in reqs:
+                req.grammar = self.core.structured.matcher(key)
         return RequestTracker(rid, text, ids, params.n, params.logprobs), reqs
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
@@ -172,19 +214,60 @@ class Engine:
         return self.tokenizer.apply_chat_template(normalize_messages(messages), tools=tools,
                                                   add_generation_prompt=add_generation_prompt, **kwargs)
 
+    def prepare_chat(self, messages: Sequence[dict[str, Any]], params: SamplingParams, *, tools: Any = None,
+                     tool_choice: Any = None, add_generation_prompt: bool = True,
+                     chat_template_kwargs: dict[str, Any] | None = None, enable_thinking: bool | None = None,
+                     reasoning_effort: str | None = None) -> tuple[str, SamplingParams, ChatSpec]:
+        """Render a chat request and resolve its tools / reasoning handling: (prompt text, sampling
+        params with any tool-call grammar added, ChatSpec for parsing the output)."""
+        kwargs = dict(chat_template_kwargs or {})
+        if reasoning_effort is not None:
+            if reasoning_effort not in ("low", "medium", "high"):
+                raise InvalidRequestError("reasoning_effort must be 'low', 'medium' or 'high'", "reasoning_effort")
+            kwargs["reasoning_effort"] = reasoning_effort
+        spec = chat_spec(tools=tools, tool_choice=tool_choice, tool_parser=self.tool_parser,
+                         reasoning_parser=self.reasoning_parser, constrained=params.structured is not None)
+        text = self.render_chat(messages, tools=spec.tools, add_generation_prompt=add_generation_prompt,
+                                chat_template_kwargs=kwargs, enable_thinking=enable_thinking)
+        spec.note_prompt(text)
+        if spec.grammar is not None:
+            params = dataclasses.replace(params, grammar=spec.grammar)
+        return text, params, spec
+
     def chat(self, messages: Sequence[dict[str, Any]], *, stream: bool = False, tools: list[dict] | None = None,
-             add_generation_prompt: bool = True, chat_template_kwargs: dict[str, Any] | None = None,
-             enable_thinking: bool | None = None, sampling_params: SamplingParams | None = None,
-             stream_options: dict[str, Any] | None = None, **sampling: Any) -> OpenAIObject | Iterator[OpenAIObject]:
-        """OpenAI-shaped chat completion; with stream=True an iterator of chat.completion.chunk objects."""
+             tool_choice: Any = None, add_generation_prompt: bool = True,
+             chat_template_kwargs: dict[str, Any] | None = None, enable_thinking: bool | None = None,
+             reasoning_effort: str | None = None, sampling_params: SamplingParams | None = None,
+             stream_options: dict[str, Any] | None = None, tool_callbacks: dict[str, Callable[..., Any]] | None = None,
+             max_tool_rounds: int = 8, **sampling: Any) -> OpenAIObject | Iterator[OpenAIObject]:
+        """OpenAI-shaped chat completion; with stream=True an iterator of chat.completion.chunk objects.
+
+        ``tools`` / ``tool_choice`` as in OpenAI's API; the output's tool calls are parsed into
+        ``message.tool_calls``. ``tool_callbacks`` (name -> callable taking the arguments as keywords)
+        runs tools here: each round's calls are executed, their results appended as ``tool``
+        messages, and generation continues, up to ``max_tool_rounds`` rounds (see engine/tool_loop.py).
+        """
         params = sampling_from_kwargs(sampling, sampling_params)
-        text = self.render_chat(messages, tools=tools, add_generation_prompt=add_generation_prompt,
-                                chat_template_kwargs=chat_template_kwargs, enable_thinking=enable_thinking)
-        chat_id, created = oai.new_chat_id(), oai.now()
+        chat = dict(tools=tools, tool_choice=tool_choice, add_generation_prompt=add_generation_prompt,
+                    chat_template_kwargs=chat_template_kwargs, enable_thinking=enable_thinking,
+                    reasoning_effort=reasoning_effort)
+        if tool_callbacks:
+            from mistralpy.engine.tool_loop import ToolLoop
+
+            loop = ToolLoop(self, messages, params, chat, tool_callbacks, max_tool_rounds)
+            return loop.stream(stream_options) if stream else loop.run()
+        return self._chat_once(messages, params, chat, stream, stream_options)
+
+    def _chat_once(self, messages: Sequence[dict[str, Any]], params: SamplingParams, chat: dict[str, Any],
+                   stream: bool, stream_options: dict[str, Any] | None,
+                   chat_id: str | None = None) -> OpenAIObject | Iterator[OpenAIObject]:
+        text, params, spec = self.prepare_chat(messages, params, **chat)
+        chat_id, created = chat_id or oai.new_chat_id(), oai.now()
         tracker, reqs = self._prepare(text, params, add_special_tokens=False)
         if stream:
             include_usage = bool((stream_options or {}).get("include_usage"))
-            return self._chat_chunks(tracker, self._stream(tracker, reqs), chat_id, created, include_usage)
+            chunker = oai.ChatChunker(spec, model=self.model_name, chat_id=chat_id, created=created)
+            return self._chat_chunks(tracker, self._stream(tracker, reqs), chunker, include_usage)
         start = time.perf_counter()
         collector = _Collector(tracker)
         self.loop.submit(reqs, collector)
@@ -195,18 +278,15 @@ class Engine:
             self.loop.abort([r.request_id for r in reqs])
             raise
         return oai.chat_completion(tracker.snapshot(), model=self.model_name, chat_id=chat_id, created=created,
-                                   elapsed_s=time.perf_counter() - start)
+                                   elapsed_s=time.perf_counter() - start, spec=spec)
 
-    def _chat_chunks(self, tracker: RequestTracker, deltas: Iterator[RequestOutput], chat_id: str, created: int,
+    def _chat_chunks(self, tracker: RequestTracker, deltas: Iterator[RequestOutput], chunker: oai.ChatChunker,
                      include_usage: bool) -> Iterator[OpenAIObject]:
-        seen: set[int] = set()
         for out in deltas:
-            delta = out.outputs[0]
-            first = delta.index not in seen
-            seen.add(delta.index)
-            yield oai.chat_chunk(delta, model=self.model_name, chat_id=chat_id, created=created, first=first)
+            yield from chunker.chunks(out.outputs[0])
         if include_usage:
-            yield oai.usage_chunk(tracker.snapshot(), model=self.model_name, chat_id=chat_id, created=created)
+            yield oai.usage_chunk(tracker.snapshot(), model=self.model_name, chat_id=chunker.chat_id,
+                                  created=chunker.created)
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def abort(self, request_id: str) -> None:

@@ -5,6 +5,7 @@ import time
 import uuid
 from typing import Any
 
+from mistralpy.engine.chat_output import ChatSpec, ChoiceStream
 from mistralpy.engine.outputs import CompletionOutput, OpenAIObject, RequestOutput
 
 
@@ -29,10 +30,16 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0,
 
 
 def chat_completion(result: RequestOutput, *, model: str, chat_id: str, created: int,
-                    elapsed_s: float | None = None) -> OpenAIObject:
-    choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
-                "logprobs": _logprobs(o), "finish_reason": o.finish_reason}
-               for o in result.outputs]
+                    elapsed_s: float | None = None, spec: ChatSpec | None = None) -> OpenAIObject:
+    """The whole chat.completion; ``spec`` splits reasoning and tool calls out of each choice's text."""
+    choices = []
+    for o in result.outputs:
+        if spec is None:
+            message, called = {"role": "assistant", "content": o.text}, False
+        else:
+            message, called = spec.message(o.text)
+        choices.append({"index": o.index, "message": message, "logprobs": _logprobs(o),
+                        "finish_reason": _finish(o.finish_reason, called)})
     return OpenAIObject({
         "id": chat_id, "object": "chat.completion", "created": created, "model": model, "choices": choices,
         "usage": usage(len(result.prompt_token_ids), result.num_generated_tokens, result.num_cached_tokens,
@@ -40,15 +47,51 @@ def chat_completion(result: RequestOutput, *, model: str, chat_id: str, created:
     })
 
 
-def chat_chunk(delta: CompletionOutput, *, model: str, chat_id: str, created: int,
-               first: bool) -> OpenAIObject:
-    body: dict[str, Any] = {"content": delta.text}
-    if first:
-        body = {"role": "assistant", **body}
-    choice = {"index": delta.index, "delta": body, "logprobs": _logprobs(delta),
-              "finish_reason": delta.finish_reason}
-    return OpenAIObject({"id": chat_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                         "choices": [choice]})
+def _finish(reason: str | None, called: bool) -> str | None:
+    # A tool call that ended the output (EOS or a completed grammar) reports "tool_calls", as OpenAI does.
+    return "tool_calls" if called and reason == "stop" else reason
+
+
+class ChatChunker:
+    """Streams one chat request: each choice's token deltas -> chat.completion.chunk objects.
+
+    With a ``spec`` that parses tools or reasoning, each choice has its own :class:`ChoiceStream`;
+    chunks are held back while a parser is deciding (a marker may be starting)."""
+
+    def __init__(self, spec: ChatSpec | None, *, model: str, chat_id: str, created: int) -> None:
+        self.spec = spec if spec is not None and not spec.plain else None
+        self.model, self.chat_id, self.created = model, chat_id, created
+        self._streams: dict[int, ChoiceStream] = {}
+        self._started: set[int] = set()
+
+    def chunks(self, delta: CompletionOutput) -> list[OpenAIObject]:
+        stream = None
+        if self.spec is not None:
+            stream = self._streams.get(delta.index)
+            if stream is None:
+                stream = self._streams[delta.index] = self.spec.stream()
+            bodies = stream.feed(delta.text)
+            if delta.finish_reason is not None:
+                bodies += stream.finish()
+        else:
+            bodies = [{"content": delta.text}]
+        finish = _finish(delta.finish_reason, stream is not None and stream.called)
+        logprobs = _logprobs(delta)
+        if not bodies:
+            if finish is None and logprobs is None:
+                return []
+            bodies = [{"content": ""}]
+        out = []
+        last = len(bodies) - 1
+        for i, body in enumerate(bodies):
+            if delta.index not in self._started:
+                self._started.add(delta.index)
+                body = {"role": "assistant", **body}
+            choice = {"index": delta.index, "delta": body, "logprobs": logprobs if i == 0 else None,
+                      "finish_reason": finish if i == last else None}
+            out.append(OpenAIObject({"id": self.chat_id, "object": "chat.completion.chunk", "created": self.created,
+                                     "model": self.model, "choices": [choice]}))
+        return out
 
 
 def usage_chunk(result: RequestOutput, *, model: str, chat_id: str, created: int) -> OpenAIObject:

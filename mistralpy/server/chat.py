@@ -9,7 +9,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from mistralpy.engine import openai_format as oai
-from mistralpy.engine.outputs import OpenAIObject
 from mistralpy.server.errors import APIError
 from mistralpy.server.generation import (
     SSE_DONE,
@@ -31,19 +30,21 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     server: ServerState = request.app.state.server
     state = server.model(body.model)  # 404 for an unknown model, 503 while it is unloaded
     engine = state.engine
-    params = body.to_sampling_params()
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
-    text = engine.engine.render_chat(messages, tools=body.tools, add_generation_prompt=body.add_generation_prompt,
-                                     chat_template_kwargs=body.chat_template_kwargs,
-                                     enable_thinking=body.enable_thinking)
+    text, params, spec = engine.engine.prepare_chat(
+        messages, body.to_sampling_params(), tools=body.tools, tool_choice=body.tool_choice,
+        add_generation_prompt=body.add_generation_prompt, chat_template_kwargs=body.chat_template_kwargs,
+        enable_thinking=body.enable_thinking, reasoning_effort=body.reasoning_effort)
     # The template already wrote BOS where the model wants it.
     prepared = prepare_prompt(engine, text, params, add_special_tokens=False, truncate=body.truncate_sequence)
     gen = Generation(engine, state.metrics, [prepared])
     chat_id, created = oai.new_chat_id(), oai.now()
     if body.stream:
-        return SSEResponse(_chunks(gen, state.served_name, chat_id, created, body.include_usage))
+        chunker = oai.ChatChunker(spec, model=state.served_name, chat_id=chat_id, created=created)
+        return SSEResponse(_chunks(gen, chunker, body.include_usage))
     await until_disconnect(request, gen.run())
-    result = oai.chat_completion(prepared[0].snapshot(), model=state.served_name, chat_id=chat_id, created=created)
+    result = oai.chat_completion(prepared[0].snapshot(), model=state.served_name, chat_id=chat_id, created=created,
+                                 spec=spec)
     result["usage"] = gen.usage()
     if gen.error:
         # Engine failure: 500, with whatever was generated before it.
@@ -51,20 +52,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     return JSONResponse(result.model_dump())
 
 
-async def _chunks(gen: Generation, model: str, chat_id: str, created: int,
-                  include_usage: bool) -> AsyncIterator[str]:
-    seen: set[int] = set()
+async def _chunks(gen: Generation, chunker: oai.ChatChunker, include_usage: bool) -> AsyncIterator[str]:
+    model, chat_id, created = chunker.model, chunker.chat_id, chunker.created
     tracker = gen.prepared[0][0]
     try:
         async with aclosing(gen.deltas()) as deltas:  # closed at once when the client goes away
             async for _, delta in deltas:
-                first = delta.index not in seen
-                seen.add(delta.index)
                 if delta.finish_reason == "error":
                     continue  # reported below as an error event
-                chunk: OpenAIObject = oai.chat_chunk(delta, model=model, chat_id=chat_id, created=created,
-                                                     first=first)
-                yield sse_event(chunk.model_dump())
+                for chunk in chunker.chunks(delta):
+                    yield sse_event(chunk.model_dump())
     except Exception as exc:  # noqa: BLE001 - the response has started: report in-band
         yield error_event(exc)
         yield SSE_DONE

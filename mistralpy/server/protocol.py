@@ -49,6 +49,9 @@ class _SamplingFields(_Body):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     truncate_sequence: bool = Field(False, description="keep the last tokens of a prompt that does not fit")
+    # Structured output: OpenAI response_format, or mistral.rs grammar {"type": ..., "value": ...}.
+    response_format: dict[str, Any] | None = None
+    grammar: dict[str, Any] | None = None
 
     def sampling_params(self, *, logprobs: bool, top_logprobs: int, max_tokens: int | None,
                         n: int | None = None) -> SamplingParams:
@@ -59,7 +62,8 @@ class _SamplingFields(_Body):
             "frequency_penalty": self.frequency_penalty, "logit_bias": self.logit_bias, "logprobs": logprobs,
             "top_logprobs": top_logprobs, "seed": self.seed, "stop": self.stop or [], "max_tokens": max_tokens,
             "min_tokens": self.min_tokens, "ignore_eos": self.ignore_eos, "stop_token_ids": self.stop_token_ids or [],
-            "skip_special_tokens": self.skip_special_tokens}
+            "skip_special_tokens": self.skip_special_tokens, "response_format": self.response_format,
+            "grammar": self.grammar}
         for name in ("dry_multiplier", "dry_base", "dry_allowed_length", "dry_sequence_breakers"):
             if getattr(self, name) is not None:
                 values[name] = getattr(self, name)
@@ -83,8 +87,11 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
     add_generation_prompt: bool = True
     enable_thinking: bool | None = None
+    reasoning_effort: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
     def to_sampling_params(self) -> SamplingParams:
