@@ -24,6 +24,25 @@ from torch import nn
 
 from mistralpy.layers.activation import act_and_mul, get_act_fn
 from mistralpy.layers.linear import Linear, MergedLinear
+from mistralpy.layers.matmul import linear
+
+
+class Router(nn.Module):
+    """The expert-scoring projection: logits = x W^T, W [num_experts, hidden].
+
+    Not a ``Linear`` on purpose: ISQ leaves it in float (as llama.cpp's quantizer leaves
+    ``ffn_gate_inp``), since small errors here flip expert choices. A GGUF weight is dequantized.
+    """
+
+    prepackable = True
+
+    def __init__(self, hidden_size: int, num_experts: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> router logits [T, E] in x's dtype."""
+        return linear(x, self.weight)
 
 
 class ExpertMLP(nn.Module):
@@ -39,21 +58,24 @@ class ExpertMLP(nn.Module):
         return self.down_proj(act_and_mul(self.gate_up_proj(x), self.act_fn))
 
 
-class FusedExperts(nn.Module):
+class FusedExperts(nn.ModuleList):
     """``num_experts`` SwiGLU-style expert MLPs applied to routed tokens.
 
-    ``self.experts[e].gate_up_proj`` (MergedLinear [2*inter, hidden], shards gate=0, up=1) and
-    ``self.experts[e].down_proj`` (Linear [hidden, inter]) are ordinary layers, so ISQ and GGUF
-    kernels apply per expert.
+    A ModuleList of ``ExpertMLP`` so parameter names are ``<block>.experts.{e}.gate_up_proj.weight``
+    (no extra level). ``self.experts[e]`` (== ``self[e]``) has ``gate_up_proj`` (MergedLinear
+    [2*inter, hidden], shards gate=0, up=1) and ``down_proj`` (Linear [hidden, inter]): ordinary
+    layers, so ISQ and GGUF kernels apply per expert.
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: str = "silu",
                  bias: bool = False) -> None:
-        super().__init__()
+        super().__init__(ExpertMLP(hidden_size, intermediate_size, act, bias) for _ in range(num_experts))
         self.num_experts = num_experts
         self.hidden_size = hidden_size
-        self.experts = nn.ModuleList(ExpertMLP(hidden_size, intermediate_size, act, bias)
-                                     for _ in range(num_experts))
+
+    @property
+    def experts(self) -> FusedExperts:
+        return self
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """x [T, H]; topk_weights [T, k] float32 (already normalised as the family wants);
@@ -103,7 +125,7 @@ def split_fused_experts(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, 
     (``gate_up_proj_bias`` [E, 2I], ``down_proj_bias`` [E, H]) likewise. Other names pass through.
     """
     prefix, _, leaf = name.rpartition(".")
-    if not prefix.endswith("experts") or tensor.dim() not in (2, 3):
+    if not isinstance(tensor, torch.Tensor) or not prefix.endswith("experts") or tensor.dim() not in (2, 3):
         yield name, tensor
         return
     kind = "weight" if tensor.dim() == 3 else "bias"
