@@ -29,6 +29,25 @@ SCHEMA = {
 }
 
 
+# Numbers with (exclusive) bounds, an array of objects, nullable and constant fields.
+SCHEMA_2 = {
+    "type": "object",
+    "properties": {
+        # multipleOf keeps a random model's digits finite (a plain number may go on forever)
+        "score": {"type": "number", "exclusiveMinimum": 0, "maximum": 100, "multipleOf": 0.25},
+        "items": {"type": "array", "minItems": 1, "maxItems": 2, "items": {
+            "type": "object", "properties": {"id": {"type": "integer", "minimum": -5, "maximum": 5},
+                                             "ok": {"type": "boolean"}},
+            "required": ["id", "ok"], "additionalProperties": False}},
+        "note": {"type": ["string", "null"], "maxLength": 4},
+        "kind": {"const": "v1"},
+    },
+    "required": ["score", "items", "note", "kind"],
+    "additionalProperties": False,
+}
+RUNS = 20  # seeded runs per schema
+
+
 def _check(obj) -> None:
     """Validate against SCHEMA by hand."""
     assert isinstance(obj, dict) and set(obj) == {"name", "age", "color", "tags", "address"}
@@ -51,18 +70,24 @@ def engine(tmp_path_factory, tokenizer_dir):
     eng.shutdown()
 
 
-def test_json_schema_always_valid(engine):
+@pytest.mark.parametrize("schema", [SCHEMA, SCHEMA_2], ids=["nested", "bounds"])
+def test_json_schema_always_valid(engine, schema):
+    import jsonschema
+
     params = [SamplingParams(temperature=1.0, seed=s, max_tokens=300,
-                             response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": SCHEMA}})
-              for s in range(10)]
-    outs = engine.generate(["Person:"] * 10, params)
+                             response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": schema}})
+              for s in range(RUNS)]
+    outs = engine.generate(["Person:"] * RUNS, params)
     texts = set()
     for r in outs:
         o = r.outputs[0]
         assert o.finish_reason == "stop", o.text
-        _check(json.loads(o.text))
+        obj = json.loads(o.text)
+        jsonschema.validate(obj, schema)
+        if schema is SCHEMA:
+            _check(obj)  # and by hand, in case the validator were lenient
         texts.add(o.text)
-    assert len(texts) > 1  # sampled, not one fixed string
+    assert len(texts) > RUNS // 2  # sampled, not one fixed string
 
 
 def test_json_object_and_grammar_field(engine):

@@ -22,6 +22,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--arch", help="override the architecture named in config.json (e.g. LlamaForCausalLM)")
     g.add_argument("-t", "--tokenizer", help="tokenizer folder or hub id (default: the model's)")
     g.add_argument("--chat-template", help="chat template file (.jinja or .json) or literal template")
+    g.add_argument("--tool-parser", help="tool-call format of the model's output: hermes | llama3_json | mistral | "
+                                         "deepseek_v3 ... (default: detected from the chat template)")
+    g.add_argument("--reasoning-parser", help="reasoning markers to split into reasoning_content: think | mistral "
+                                              "... (default: detected from the chat template)")
     g.add_argument("--dtype", default="auto", choices=["auto", "bf16", "f16", "f32"],
                    help="weights/activations dtype; auto never picks f16 on CPU (default: auto)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
@@ -67,7 +71,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 enable_chunked_prefill=not args.no_chunked_prefill, revision=args.revision,
                 token_source=args.token_source, tokenizer=args.tokenizer, chat_template=args.chat_template,
                 arch=args.arch, seed=args.seed, gguf_file=args.gguf_file,
-                isq=args.isq, topology=args.topology, compile=args.compile)
+                isq=args.isq, topology=args.topology, compile=args.compile, tool_parser=args.tool_parser,
+                reasoning_parser=args.reasoning_parser)
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
