@@ -116,16 +116,19 @@ class ToolParser:
         return self._run(final=True)
 
     def grammar(self, tools: list[dict], tool_choice: str | dict,
-                special_tokens: Mapping[str, int] | None = None) -> tuple[str, str]:
-        """llguidance grammar key (kind, text) forcing this format's calls (see mistralpy.tools.grammar).
+                special_tokens: Mapping[str, int] | None = None, parallel: bool = True) -> tuple[str, str]:
+        """llguidance grammar key ``("lark", text)`` that forces this format's calls.
 
-        ``special_tokens`` maps marker strings that are special tokens of the model's tokenizer to
-        their ids, so the grammar names them as tokens (``<[id]>``) instead of text.
+        tool_choice "required": one or more calls (one if not ``parallel``) to any of ``tools``; a named
+        function: exactly one call to it. Arguments follow each tool's ``parameters`` schema.
+        ``special_tokens`` maps markers that are added tokens of the model's tokenizer to their ids
+        (:func:`mistralpy.tools.grammar.marker_token_ids`), which the grammar then names as tokens.
+        InvalidRequestError (field "tool_choice") for an unknown tool name or a non-forcing choice.
         """
         from mistralpy.tools.grammar import select_tools
 
         calls, many = select_tools(tools, tool_choice)
-        return "lark", self._lark(calls, many, _Marks(special_tokens))
+        return "lark", self._lark(calls, many and parallel, _Marks(special_tokens))
 
     def _lark(self, calls: list[tuple[str, dict]], many: bool, marks: _Marks) -> str:  # pragma: no cover
         raise NotImplementedError

@@ -65,3 +65,14 @@ def call_rules(calls: list[tuple[str, dict]], render) -> list[str]:
         lines.append(f"call_{i}: " + render(name, f"args_{i}"))
         lines.append(f"args_{i}: " + json_rule(schema))
     return lines
+
+
+def marker_token_ids(tokenizer: Any) -> dict[str, int]:
+    """content -> id of a tokenizer's added tokens (our Tokenizer or a ``tokenizers.Tokenizer``).
+
+    llguidance treats every added token as a special token that no text literal matches, so a grammar
+    must name such markers (Qwen's ``<tool_call>``, Mistral's ``[TOOL_CALLS]``) as tokens: pass this
+    to :meth:`ToolParser.grammar` as ``special_tokens``.
+    """
+    backend = getattr(tokenizer, "backend", tokenizer)
+    return {t.content: int(i) for i, t in backend.get_added_tokens_decoder().items()}
