@@ -65,7 +65,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3_moe_mixed": ("qwen3_moe", dict(head_dim=32, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
                                           norm_topk_prob=True, decoder_sparse_step=2)),
     "phimoe": ("phimoe", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64, attention_bias=True,
-                              lm_head_bias=True, router_jitter_noise=0.3, rope_parameters=PHIMOE_ROPE)),
+                              lm_head_bias=True, router_jitter_noise=0.3, rope_parameters=PHIMOE_ROPE,
+                              initializer_range=0.05)),  # embeddings not drowned by the o_proj bias
     # DeepSeek MLA + MoE: 3 layers (1 dense), 8 routed experts in 4 groups (2 kept), 1 shared expert, yarn
     "deepseek_v2_lite": ("deepseek_v2", dict(DEEPSEEK_BASE, q_lora_rank=None, topk_method="group_limited_greedy",
                                              rope_parameters=DEEPSEEK_YARN)),

@@ -1,7 +1,7 @@
 """Attention backend protocol.
 
 A backend owns the paged KV cache layout for one layer: ``k_cache``/``v_cache`` of shape
-[num_blocks, block_size, num_kv_heads, head_dim]. Each step the model runner calls
+[num_blocks, block_size, num_kv_heads, head_dim] (v may have fewer channels). Each step the model runner calls
 ``build_metadata`` once; every attention layer then calls ``forward`` with that metadata.
 """
 from __future__ import annotations
@@ -31,9 +31,10 @@ class AttentionBackend(Protocol):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, metadata: Any, spec: AttentionSpec) -> torch.Tensor:
-        """q [T, Hq, D], k/v [T, Hk, D] for the new tokens -> output [T, Hq, D].
+        """q [T, Hq, D], k [T, Hk, D], v [T, Hk, Dv] for the new tokens -> output [T, Hq, Dv].
 
-        Writes k/v into the cache at the batch's slot mapping before attending.
+        Writes k/v into the cache at the batch's slot mapping before attending. Dv is usually D;
+        MLA attends with Dv < D and a v cache that is a view of the k cache's first Dv channels.
         """
 
 

@@ -68,21 +68,22 @@ class TorchRefBackend:
                 v_cache: torch.Tensor, md: TorchRefMetadata, spec: AttentionSpec) -> torch.Tensor:
         if torch.compiler.is_compiling():  # worker/compile.py compiles decode-only steps
             return _traced_decode(q, k, v, k_cache, v_cache, md, spec)
-        num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+        # v may be narrower than k and its cache a view into k's (MLA's latent cache, model_runner)
+        num_kv_heads, head_dim, v_dim = k_cache.shape[2], k_cache.shape[3], v_cache.shape[3]
         flat_k = k_cache.view(-1, num_kv_heads, head_dim)
-        flat_v = v_cache.view(-1, num_kv_heads, head_dim)
+        flat_v = v_cache.view(-1, num_kv_heads, v_dim)
         flat_k.index_copy_(0, md.slot_mapping, k.to(k_cache.dtype))
         flat_v.index_copy_(0, md.slot_mapping, v.to(v_cache.dtype))
 
         if md.all_decode:
             return self._decode(q, k_cache, v_cache, md, spec)
-        out = torch.empty_like(q)
+        out = q.new_empty(q.shape[0], q.shape[1], v_dim)
         if md.decode_rows is not None:
             out.index_copy_(0, md.decode_rows, self._decode(q.index_select(0, md.decode_rows), k_cache,
                                                             v_cache, md, spec))
         for seq in md.prefill:
             keys = k_cache.index_select(0, seq.blocks).view(-1, num_kv_heads, head_dim)[: seq.seq_len]
-            vals = v_cache.index_select(0, seq.blocks).view(-1, num_kv_heads, head_dim)[: seq.seq_len]
+            vals = v_cache.index_select(0, seq.blocks).view(-1, num_kv_heads, v_dim)[: seq.seq_len]
             q_len = seq.q_end - seq.q_start
             mask = None
             if q_len != seq.seq_len or spec.sliding_window is not None or spec.logit_softcap is not None:
@@ -99,7 +100,7 @@ class TorchRefBackend:
         num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
         flat_blocks = md.decode_blocks.reshape(-1)  # index_select is several times faster than advanced indexing
         keys = k_cache.index_select(0, flat_blocks).view(bd, nb * md.block_size, num_kv_heads, head_dim)
-        vals = v_cache.index_select(0, flat_blocks).view(bd, nb * md.block_size, num_kv_heads, head_dim)
+        vals = v_cache.index_select(0, flat_blocks).view(bd, nb * md.block_size, num_kv_heads, v_cache.shape[3])
         key = ("decode", spec.sliding_window)
         mask = md._masks.get(key)
         if mask is None:
@@ -121,7 +122,7 @@ def _cpu_low_precision_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """One-query attention for bf16/f16 on CPU, where SDPA's kernel is slow (194 us for one 9-head
     row of 300 keys on a Zen 4, 2.7 ms for 16 rows). A few rows: SDPA in float32 (54 us). More
     rows: grouped-query matmuls in the cache dtype with a float32 softmax (440 us for 16 rows).
-    q [B, Hq, 1, D], k/v [B, Hk, L, D], mask [B, 1, 1, L] -> [B, Hq, 1, D]."""
+    q [B, Hq, 1, D], k [B, Hk, L, D], v [B, Hk, L, Dv], mask [B, 1, 1, L] -> [B, Hq, 1, Dv]."""
     b, hq, _, d = q.shape
     hk = k.shape[1]
     if b <= 4:
@@ -130,7 +131,7 @@ def _cpu_low_precision_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return out.to(q.dtype)
     scores = torch.matmul(q.view(b, hk, hq // hk, d), k.transpose(-1, -2)).float() * spec.scale
     probs = torch.softmax(scores.masked_fill_(~mask, -math.inf), dim=-1).to(q.dtype)
-    return torch.matmul(probs, v).view(b, hq, 1, d)
+    return torch.matmul(probs, v).view(b, hq, 1, v.shape[-1])
 
 
 def _traced_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
@@ -138,15 +139,15 @@ def _traced_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: t
     """Decode rows written for inductor (worker/compile.py): the cache write, block gather, scores,
     softmax and weighted sum as gathers, products and reductions that it fuses into a few C++ loops
     (the eager form of these ops would materialise [B, Hk, G, L, D] products). float32 math, as
-    `_cpu_low_precision_decode`. q [B, Hq, D], k/v [B, Hk, D] -> [B, Hq, D]."""
+    `_cpu_low_precision_decode`. q [B, Hq, D], k [B, Hk, D], v [B, Hk, Dv] -> [B, Hq, Dv]."""
     b, hq, d = q.shape
-    hk = k_cache.shape[2]
+    hk, dv = k_cache.shape[2], v_cache.shape[3]
     k_cache.view(-1, hk, d).index_copy_(0, md.slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, hk, d).index_copy_(0, md.slot_mapping, v.to(v_cache.dtype))
+    v_cache.view(-1, hk, dv).index_copy_(0, md.slot_mapping, v.to(v_cache.dtype))
     blocks = md.decode_blocks
     length = blocks.shape[1] * k_cache.shape[1]
     keys = k_cache[blocks].view(b, length, hk, d).permute(0, 2, 1, 3).unsqueeze(2)   # [B, Hk, 1, L, D]
-    vals = v_cache[blocks].view(b, length, hk, d).permute(0, 2, 1, 3).unsqueeze(2)
+    vals = v_cache[blocks].reshape(b, length, hk, dv).permute(0, 2, 1, 3).unsqueeze(2)
     qf = q.view(b, hk, hq // hk, 1, d).float()
     scores = (qf * keys.float()).sum(-1) * spec.scale                                 # [B, Hk, G, L]
     if spec.logit_softcap is not None:
@@ -158,8 +159,8 @@ def _traced_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: t
         valid = valid & (pos.unsqueeze(0) > lens - 1 - spec.sliding_window)
     scores = scores.masked_fill(~valid[:, None, None, :], -math.inf)
     probs = torch.softmax(scores, dim=-1)
-    out = (probs.unsqueeze(-1) * vals.float()).sum(-2)                                 # [B, Hk, G, D]
-    return out.reshape(b, hq, d).to(q.dtype)
+    out = (probs.unsqueeze(-1) * vals.float()).sum(-2)                                 # [B, Hk, G, Dv]
+    return out.reshape(b, hq, dv).to(q.dtype)
 
 
 def _prefill_mask(q_len: int, seq_len: int, window: int | None, device: torch.device) -> torch.Tensor:

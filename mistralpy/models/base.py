@@ -29,6 +29,11 @@ class CausalLM(nn.Module):
     num_layers: int
     num_kv_heads: int
     head_dim: int
+    # Paged cache layout per layer: k [blocks, block_size, num_kv_heads, head_dim] and v with
+    # v_cache_dim channels (None: head_dim). v_in_k: the v cache is a view of k's first v_cache_dim
+    # channels, nothing of its own (MLA caches one latent that serves as both key and value).
+    v_cache_dim: int | None = None
+    v_in_k: bool = False
 
     def map_weight_name(self, name: str) -> str | None:
         """HF checkpoint name -> our parameter name (None skips it). Families override."""

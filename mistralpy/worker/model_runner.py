@@ -30,8 +30,12 @@ def _available_memory_bytes() -> int:
 
 
 def kv_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
-                       dtype: torch.dtype) -> int:
-    return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+                       dtype: torch.dtype, v_head_dim: int | None = None, v_in_k: bool = False) -> int:
+    """Bytes of one block over all layers; v_head_dim defaults to head_dim, v_in_k (the v cache is a
+    view into the k cache, as MLA's latent) counts v as free."""
+    v_dim = 0 if v_in_k else (head_dim if v_head_dim is None else v_head_dim)
+    per_token = num_kv_heads * (head_dim + v_dim)
+    return num_layers * block_size * per_token * torch.empty((), dtype=dtype).element_size()
 
 
 def decide_num_blocks(cache: CacheConfig, per_block: int, device: torch.device, max_model_len: int,
@@ -59,22 +63,31 @@ class ModelRunner:
             torch.set_num_threads(max(1, os.cpu_count() or 1))
         self.backend = get_backend(self.device)
         self.model = load_model(config.model, self.device, self.backend)
-        per_block = kv_bytes_per_block(self.model.num_layers, self.block_size, self.model.num_kv_heads,
-                                       self.model.head_dim, config.model.dtype)
+        m = self.model
+        v_dim, v_in_k = getattr(m, "v_cache_dim", None) or m.head_dim, getattr(m, "v_in_k", False)
+        per_block = kv_bytes_per_block(m.num_layers, self.block_size, m.num_kv_heads, m.head_dim,
+                                       config.model.dtype, v_dim, v_in_k)
         self.num_blocks = decide_num_blocks(config.cache, per_block, self.device, config.model.max_model_len,
                                             config.scheduler.max_seqs)
-        shape = (self.num_blocks, self.block_size, self.model.num_kv_heads, self.model.head_dim)
         # Allocated uninitialised (no start-up memset, no resident memory until used) and zeroed
         # up to the highest block id in use, on first use: attention reads padded and not yet
         # written slots under a mask, and 0 * NaN garbage would still poison the output.
-        self.kv_caches = [(torch.empty(shape, dtype=config.model.dtype, device=self.device),
-                           torch.empty(shape, dtype=config.model.dtype, device=self.device))
-                          for _ in range(self.model.num_layers)]
+        self.kv_caches = [self._layer_cache(m.num_kv_heads, m.head_dim, v_dim, v_in_k, config.model.dtype)
+                          for _ in range(m.num_layers)]
         self._zeroed_blocks = 0
         log.info("KV cache: %d blocks x %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
                  self.num_blocks * per_block / 2**20)
         self.sampler = Sampler(config.model.vocab_size, seed=config.seed)
         self.compiled = None
+
+    def _layer_cache(self, heads: int, k_dim: int, v_dim: int, v_in_k: bool,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k [blocks, bs, heads, k_dim], v [blocks, bs, heads, v_dim]); with v_in_k, v is a view
+        of k's first v_dim channels (the backend's write of v then lands on the same memory)."""
+        k = torch.empty((self.num_blocks, self.block_size, heads, k_dim), dtype=dtype, device=self.device)
+        if v_in_k:
+            return k, k[..., :v_dim]
+        return k, torch.empty((self.num_blocks, self.block_size, heads, v_dim), dtype=dtype, device=self.device)
 
     def enable_compile(self) -> None:
         """Run decode-only steps through torch.compile'd decoder layers (worker/compile.py)."""
