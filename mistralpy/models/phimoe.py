@@ -18,12 +18,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mistralpy.attention.backend import AttentionBackend
 from mistralpy.errors import ModelLoadError
 from mistralpy.layers.embedding import LMHead
+from mistralpy.layers.norm import LayerNorm
 from mistralpy.layers.rotary import rope_params_from_config
 from mistralpy.models.llama import LlamaAttention, LlamaModel
 from mistralpy.models.mixtral import MixtralSparseMoeBlock, MoECausalLM, MoEDecoderLayer
@@ -61,19 +61,6 @@ class PhimoeSparseMoeBlock(MixtralSparseMoeBlock):
         return sparsemixer_routing(router_logits, self.jitter_eps)
 
 
-class PhimoeLayerNorm(nn.Module):
-    """LayerNorm with weight and bias (transformers uses nn.LayerNorm with eps = rms_norm_eps)."""
-
-    def __init__(self, hidden_size: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
-        self.bias = nn.Parameter(torch.empty(hidden_size), requires_grad=False)
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
-
-
 class PhimoeAttention(LlamaAttention):
     # attention_bias switches the biases of q/k/v and o together (LlamaAttention's default keys).
     pass
@@ -81,7 +68,7 @@ class PhimoeAttention(LlamaAttention):
 
 class PhimoeDecoderLayer(MoEDecoderLayer):
     attention_cls = PhimoeAttention
-    norm_cls = PhimoeLayerNorm
+    norm_cls = LayerNorm
 
     def make_mlp(self, cfg: dict[str, Any], layer_idx: int) -> nn.Module:
         return PhimoeSparseMoeBlock(cfg)
@@ -92,7 +79,7 @@ class PhimoeModel(LlamaModel):
 
     def __init__(self, cfg: dict[str, Any], backend: AttentionBackend) -> None:
         super().__init__(cfg, backend)
-        self.norm = PhimoeLayerNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-5))
+        self.norm = LayerNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-5))
 
 
 class PhimoeLMHead(LMHead):
