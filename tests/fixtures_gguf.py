@@ -9,6 +9,7 @@ need row widths that are multiples of 256: use GGUF_BASE).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,9 @@ GGUF_BASE = dict(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hi
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
 
 _ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-         "Qwen3ForCausalLM": "qwen3"}
+         "Qwen3ForCausalLM": "qwen3", "PhiForCausalLM": "phi2", "Phi3ForCausalLM": "phi3",
+         "Starcoder2ForCausalLM": "starcoder2", "Glm4ForCausalLM": "glm4"}
+_ARCH |= {"GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3"}
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -53,8 +56,56 @@ def _tokenizer_fields(writer, hf_dir: Path) -> None:
         writer.add_chat_template(cfg["chat_template"])
 
 
-def write_gguf(hf_dir: Path, out: Path, weight_type: str = "F32") -> Path:
-    """Convert the float32 HF checkpoint in hf_dir into a GGUF file storing matrices as weight_type."""
+def _phi3_fields(writer, cfg: dict, rope: dict, rotary_dim: int) -> None:
+    """What llama.cpp's Phi3MiniModel adds: the original context, the window (0 = none) and, for
+    longrope, the attention factor and both factor lists as F32 tensors."""
+    orig = cfg.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings")
+    writer.add_rope_scaling_orig_ctx_len(orig)
+    writer.add_sliding_window(cfg.get("sliding_window") or 0)
+    if rope.get("long_factor"):
+        assert len(rope["long_factor"]) == rotary_dim // 2
+        scale = cfg["max_position_embeddings"] / orig
+        writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1 else 1.0)
+        writer.add_tensor("rope_factors_long.weight", np.array(rope["long_factor"], dtype=np.float32))
+        writer.add_tensor("rope_factors_short.weight", np.array(rope["short_factor"], dtype=np.float32))
+
+
+def _gemma_fields(writer, cfg: dict, arch: str) -> None:
+    """What llama.cpp's Gemma converters add: soft-caps and the window (Gemma 2 / 3); for Gemma 3
+    the global layers' rope base and scaling (local layers use llama.cpp's fixed base of 10000)."""
+    import gguf
+
+    if arch == "gemma2":
+        writer.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
+        writer.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+    if arch in ("gemma2", "gemma3"):
+        writer.add_sliding_window(cfg["sliding_window"])
+    if arch == "gemma3":
+        full = cfg["rope_parameters"]["full_attention"]
+        writer.add_rope_freq_base(full["rope_theta"])  # overwrites the common (flat) rope_theta
+        if full.get("rope_type") == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(full["factor"])
+        if cfg.get("final_logit_softcapping"):
+            writer.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+
+
+def _fused_qkv(state: dict) -> dict:
+    """q_proj / k_proj / v_proj of each layer joined row-wise into one qkv_proj (weights and biases)."""
+    out = {}
+    for name, tensor in state.items():
+        if ".q_proj." in name:
+            parts = [state[name.replace(".q_proj.", f".{p}.")] for p in ("q_proj", "k_proj", "v_proj")]
+            out[name.replace(".q_proj.", ".qkv_proj.")] = torch.cat(parts)
+        elif ".k_proj." not in name and ".v_proj." not in name:
+            out[name] = tensor
+    return out
+
+
+def write_gguf(hf_dir: Path, out: Path, weight_type: str = "F32", fuse_qkv: bool = False) -> Path:
+    """Convert the float32 HF checkpoint in hf_dir into a GGUF file storing matrices as weight_type.
+
+    fuse_qkv writes q/k/v as one `attn_qkv` (as llama.cpp does from original Phi-2 checkpoints)."""
     import gguf
     from safetensors.torch import load_file
 
@@ -67,25 +118,37 @@ def write_gguf(hf_dir: Path, out: Path, weight_type: str = "F32") -> Path:
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
+    # llama.cpp's phi2 converter writes 4 * n_embd whatever intermediate_size says
+    w.add_feed_forward_length(4 * cfg["hidden_size"] if arch == "phi2" else cfg["intermediate_size"])
     w.add_head_count(heads)
     w.add_head_count_kv(kv_heads)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
-    w.add_rope_dimension_count(head_dim)
+    w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
     w.add_rope_freq_base(float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))))
-    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    if arch in ("phi2", "starcoder2"):  # LayerNorm families
+        w.add_layer_norm_eps(cfg.get("layer_norm_eps") or cfg["norm_epsilon"])
+    else:
+        w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    if arch == "phi3":
+        _phi3_fields(w, cfg, rope, int(head_dim * rope.get("partial_rotary_factor", 1.0)))
     w.add_vocab_size(cfg["vocab_size"])
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if weight_type == "F32" else gguf.LlamaFileType.MOSTLY_F16)
     _tokenizer_fields(w, hf_dir)
+    if arch.startswith("gemma"):
+        _gemma_fields(w, cfg, arch)
 
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg["num_hidden_layers"])
     qtype = gguf.GGMLQuantizationType[weight_type]
     state = load_file(str(hf_dir / "model.safetensors"))
+    if fuse_qkv:
+        state = _fused_qkv(state)
     for name, tensor in state.items():
         if name.endswith("rotary_emb.inv_freq"):
             continue
         data = tensor.to(torch.float32).numpy()
+        if arch.startswith("gemma") and name.endswith("norm.weight"):
+            data = data + 1.0  # llama.cpp stores Gemma's (1 + w) norm weights
         if arch == "llama" and name.endswith("q_proj.weight"):
             data = _permute(data, heads)
         elif arch == "llama" and name.endswith("k_proj.weight"):

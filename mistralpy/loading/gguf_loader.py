@@ -49,6 +49,13 @@ GGUF_ARCHITECTURES: dict[str, GGUFArch] = {
     "mistral": GGUFArch("MistralForCausalLM", permute_qk=True),
     "qwen2": GGUFArch("Qwen2ForCausalLM", permute_qk=False),
     "qwen3": GGUFArch("Qwen3ForCausalLM", permute_qk=False),
+    "phi2": GGUFArch("PhiForCausalLM", permute_qk=False, family="phi"),
+    "phi3": GGUFArch("Phi3ForCausalLM", permute_qk=False, family="phi3"),
+    "starcoder2": GGUFArch("Starcoder2ForCausalLM", permute_qk=False, family="starcoder2"),
+    "glm4": GGUFArch("Glm4ForCausalLM", permute_qk=False, family="glm4"),
+    "gemma": GGUFArch("GemmaForCausalLM", permute_qk=False, family="gemma"),
+    "gemma2": GGUFArch("Gemma2ForCausalLM", permute_qk=False, family="gemma"),
+    "gemma3": GGUFArch("Gemma3ForCausalLM", permute_qk=False, family="gemma"),
 }
 
 _GLOBAL_NAMES = {
