@@ -11,16 +11,38 @@ Markers that are special tokens (``[TOOL_CALLS]``, ``[THINK]``, ``<|python_tag|>
 the parsers if the output is decoded with special tokens kept.
 """
 from mistralpy.tools.base import ToolCall, ToolParser, new_call_id, new_mistral_call_id
-from mistralpy.tools.grammar import marker_token_ids
 from mistralpy.tools.deepseek import DeepSeekV3ToolParser, DeepSeekV31ToolParser
+from mistralpy.tools.grammar import marker_token_ids
 from mistralpy.tools.hermes import HermesToolParser
 from mistralpy.tools.llama3 import Llama3JsonToolParser
 from mistralpy.tools.mistral import MistralToolParser, MistralV11ToolParser
 from mistralpy.tools.reasoning import ReasoningParser
-from mistralpy.tools.registry import (REASONING_PARSERS, TOOL_PARSERS, detect_reasoning_parser, detect_tool_parser,
-                                      get_reasoning_parser, get_tool_parser)
+from mistralpy.tools.registry import (
+                                      REASONING_PARSERS,
+                                      TOOL_PARSERS,
+                                      detect_reasoning_parser,
+                                      detect_tool_parser,
+                                      get_reasoning_parser,
+                                      get_tool_parser,
+)
 
-__all__ = ["ToolCall", "ToolParser", "HermesToolParser", "Llama3JsonToolParser", "MistralToolParser",
-           "MistralV11ToolParser", "DeepSeekV3ToolParser", "DeepSeekV31ToolParser", "ReasoningParser",
-           "TOOL_PARSERS", "REASONING_PARSERS", "get_tool_parser", "get_reasoning_parser", "detect_tool_parser",
-           "detect_reasoning_parser", "new_call_id", "new_mistral_call_id", "marker_token_ids"]
+__all__ = [
+                                      "REASONING_PARSERS",
+                                      "TOOL_PARSERS",
+                                      "DeepSeekV3ToolParser",
+                                      "DeepSeekV31ToolParser",
+                                      "HermesToolParser",
+                                      "Llama3JsonToolParser",
+                                      "MistralToolParser",
+                                      "MistralV11ToolParser",
+                                      "ReasoningParser",
+                                      "ToolCall",
+                                      "ToolParser",
+                                      "detect_reasoning_parser",
+                                      "detect_tool_parser",
+                                      "get_reasoning_parser",
+                                      "get_tool_parser",
+                                      "marker_token_ids",
+                                      "new_call_id",
+                                      "new_mistral_call_id",
+]

@@ -84,6 +84,7 @@ class ToolParser:
         self._ws = ""  # trailing content whitespace held back
         self._content_started = False
         self._called = False
+        self._memo: dict = {}  # jsonscan.value_end's resume points (the text only grows)
 
     # ---- format hooks -------------------------------------------------------------------------
     def _step(self, text: str, pos: int, final: bool) -> Step:  # pragma: no cover - abstract

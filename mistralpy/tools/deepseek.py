@@ -94,7 +94,7 @@ class DeepSeekV3ToolParser(ToolParser):
             return fail if final else Step(CALL, name=name)
         if text[j] != "{":
             return fail
-        e = value_end(text, j, final)
+        e = value_end(text, j, final, self._memo)
         if e == BAD or (e == PARTIAL and final):
             return fail
         if e == PARTIAL:

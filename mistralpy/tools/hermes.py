@@ -26,7 +26,7 @@ class HermesToolParser(ToolParser):
             return fail if final else Step(WAIT)
         if text[j] != "{":
             return fail
-        call = call_from_object(text, scan_object(text, j, final), final, j)
+        call = call_from_object(text, scan_object(text, j, final, self._memo), final, j)
         if call is None:
             return fail
         if not call.done:

@@ -15,9 +15,9 @@ PARTIAL = -1  # the text ends before the thing is complete (it may still become 
 BAD = -2  # the text can no longer become what was expected
 
 _WS = re.compile(r"[ \t\n\r]*")
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
-# A complete string, a bracket, or a lone quote (a string that is not closed yet).
-_NEST = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]|"', re.S)
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_STRING_REST = re.compile(r'[^"\\]*(?:\\.[^"\\]*)*', re.DOTALL)  # the rest of a string, up to its closing quote
+_STRUCTURAL = re.compile(r'["\[\]{}]')
 _SCALAR = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?|true|false|null")
 
 
@@ -46,9 +46,13 @@ def partial_suffix(text: str, start: int, markers: tuple[str, ...]) -> int:
     return best
 
 
-def value_end(text: str, i: int, final: bool) -> int:
+def value_end(text: str, i: int, final: bool, memo: dict | None = None) -> int:
     """End index of the JSON value starting at ``text[i]``; PARTIAL if it is not closed yet; BAD if
-    it cannot be a JSON value. Nesting is only bracket-counted: check the span with json.loads."""
+    it cannot be a JSON value. Nesting is only bracket-counted: check the span with json.loads.
+
+    ``memo`` (one dict per growing text) keeps where the scan of an unfinished object or array
+    stopped, so streaming a long arguments object costs linear, not quadratic, time.
+    """
     n = len(text)
     if i >= n:
         return PARTIAL
@@ -57,18 +61,7 @@ def value_end(text: str, i: int, final: bool) -> int:
         m = _STRING.match(text, i)
         return m.end() if m else PARTIAL
     if c in "{[":
-        depth = 0
-        for m in _NEST.finditer(text, i):
-            t = m.group()
-            if t == '"':
-                return PARTIAL
-            if t in "{[":
-                depth += 1
-            elif t in "}]":
-                depth -= 1
-                if depth == 0:
-                    return m.end()
-        return PARTIAL
+        return _nested_end(text, i, memo)
     m = _SCALAR.match(text, i)
     if m and (m.end() < n or final):
         return m.end()
@@ -77,6 +70,34 @@ def value_end(text: str, i: int, final: bool) -> int:
                       or re.fullmatch(r"-?[0-9.eE+-]*", rest)):
         return PARTIAL
     return BAD
+
+
+def _nested_end(text: str, i: int, memo: dict | None) -> int:
+    pos, depth, in_string = memo.get(i, (i, 0, False)) if memo is not None else (i, 0, False)
+    n = len(text)
+    while pos < n:
+        if in_string:
+            pos = _STRING_REST.match(text, pos).end()
+            if pos >= n or text[pos] != '"':
+                break  # the string (or an escape at the very end) goes on in the next delta
+            pos, in_string = pos + 1, False
+            continue
+        m = _STRUCTURAL.search(text, pos)
+        if m is None:
+            pos = n
+            break
+        c, pos = m.group(), m.end()
+        if c == '"':
+            in_string = True
+        elif c in "{[":
+            depth += 1
+        else:
+            depth -= 1
+            if depth == 0:
+                return pos
+    if memo is not None:
+        memo[i] = (pos, depth, in_string)
+    return PARTIAL
 
 
 @dataclass
@@ -91,7 +112,7 @@ class ObjectScan:
     open_start: int = 0
 
 
-def scan_object(text: str, i: int, final: bool) -> ObjectScan:
+def scan_object(text: str, i: int, final: bool, memo: dict | None = None) -> ObjectScan:
     """Scan the object whose ``{`` is at ``text[i]`` member by member."""
     n = len(text)
     out = ObjectScan(PARTIAL)
@@ -118,7 +139,7 @@ def scan_object(text: str, i: int, final: bool) -> ObjectScan:
             out.state = BAD
             return out
         j = skip_ws(text, j + 1)
-        e = value_end(text, j, final)
+        e = value_end(text, j, final, memo)
         if e == BAD:
             out.state = BAD
             return out

@@ -11,8 +11,19 @@ from __future__ import annotations
 
 import re
 
-from mistralpy.tools.base import (CALL, CONTENT, FAIL, SKIP, WAIT, Step, ToolParser, _Marks, call_from_object,
-                                  content_until, new_mistral_call_id)
+from mistralpy.tools.base import (
+    CALL,
+    CONTENT,
+    FAIL,
+    SKIP,
+    WAIT,
+    Step,
+    ToolParser,
+    _Marks,
+    call_from_object,
+    content_until,
+    new_mistral_call_id,
+)
 from mistralpy.tools.grammar import call_rules, lark_str
 from mistralpy.tools.jsonscan import BAD, PARTIAL, loads_object, match_lit, scan_object, skip_ws, value_end
 
@@ -61,7 +72,7 @@ class MistralToolParser(ToolParser):
         fail = Step(FAIL, fail_end, mode="content")
         if text[j] != "{":
             return fail
-        call = call_from_object(text, scan_object(text, j, final), final, j)
+        call = call_from_object(text, scan_object(text, j, final, self._memo), final, j)
         if call is None:
             return fail
         if call.done:
@@ -92,7 +103,7 @@ class MistralToolParser(ToolParser):
             return fail if final else Step(CALL, name=name)
         if text[a] != "{":
             return fail
-        e = value_end(text, a, final)
+        e = value_end(text, a, final, self._memo)
         if e == BAD or (e == PARTIAL and final):
             return fail
         if e == PARTIAL:

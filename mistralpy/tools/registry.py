@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from mistralpy.errors import InvalidRequestError
 from mistralpy.tools.base import ToolParser
-from mistralpy.tools.deepseek import CALLS_BEGIN, DeepSeekV31ToolParser, DeepSeekV3ToolParser
+from mistralpy.tools.deepseek import CALLS_BEGIN, DeepSeekV3ToolParser, DeepSeekV31ToolParser
 from mistralpy.tools.hermes import HermesToolParser
 from mistralpy.tools.llama3 import Llama3JsonToolParser
 from mistralpy.tools.mistral import MistralToolParser, MistralV11ToolParser
