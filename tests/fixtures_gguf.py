@@ -21,8 +21,9 @@ GGUF_BASE = dict(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hi
 
 _ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
          "Qwen3ForCausalLM": "qwen3", "PhiForCausalLM": "phi2", "Phi3ForCausalLM": "phi3",
-         "Starcoder2ForCausalLM": "starcoder2", "Glm4ForCausalLM": "glm4"}
+         "Starcoder2ForCausalLM": "starcoder2", "Glm4ForCausalLM": "glm4", "SmolLM3ForCausalLM": "smollm3"}
 _ARCH |= {"GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3"}
+_ARCH |= {"MixtralForCausalLM": "llama", "Qwen3MoeForCausalLM": "qwen3moe"}
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -102,6 +103,31 @@ def _fused_qkv(state: dict) -> dict:
     return out
 
 
+def _moe_fields(writer, cfg: dict, arch: str) -> None:
+    """Expert counts (and Qwen3-MoE's expert width) as llama.cpp's converter writes them."""
+    writer.add_expert_count(cfg.get("num_local_experts") or cfg["num_experts"])
+    writer.add_expert_used_count(cfg["num_experts_per_tok"])
+    if arch == "qwen3moe":
+        writer.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+
+
+def _stacked_experts(state: dict) -> dict:
+    """Per-expert tensors `<block>.experts.{e}.<proj>.weight` stacked into one [E, out, in] tensor
+    `<block>.experts.<proj>.weight` per projection (llama.cpp's `ffn_{gate,up,down}_exps`)."""
+    import re
+
+    out, groups = {}, {}
+    for name, tensor in state.items():
+        m = re.match(r"^(.*\.experts)\.(\d+)\.(\w+)\.weight$", name)
+        if m is None:
+            out[name] = tensor
+        else:
+            groups.setdefault(f"{m.group(1)}.{m.group(3)}.weight", {})[int(m.group(2))] = tensor
+    for name, experts in groups.items():
+        out[name] = torch.stack([experts[e] for e in range(len(experts))])
+    return out
+
+
 def write_gguf(hf_dir: Path, out: Path, weight_type: str = "F32", fuse_qkv: bool = False) -> Path:
     """Convert the float32 HF checkpoint in hf_dir into a GGUF file storing matrices as weight_type.
 
@@ -137,26 +163,30 @@ def write_gguf(hf_dir: Path, out: Path, weight_type: str = "F32", fuse_qkv: bool
     _tokenizer_fields(w, hf_dir)
     if arch.startswith("gemma"):
         _gemma_fields(w, cfg, arch)
+    if cfg.get("num_local_experts") or cfg.get("num_experts"):
+        _moe_fields(w, cfg, arch)
 
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg["num_hidden_layers"])
     qtype = gguf.GGMLQuantizationType[weight_type]
     state = load_file(str(hf_dir / "model.safetensors"))
     if fuse_qkv:
         state = _fused_qkv(state)
+    state = _stacked_experts(state)  # no-op without experts
     for name, tensor in state.items():
         if name.endswith("rotary_emb.inv_freq"):
             continue
         data = tensor.to(torch.float32).numpy()
         if arch.startswith("gemma") and name.endswith("norm.weight"):
             data = data + 1.0  # llama.cpp stores Gemma's (1 + w) norm weights
-        if arch == "llama" and name.endswith("q_proj.weight"):
+        if arch in ("llama", "smollm3") and name.endswith("q_proj.weight"):
             data = _permute(data, heads)
-        elif arch == "llama" and name.endswith("k_proj.weight"):
+        elif arch in ("llama", "smollm3") and name.endswith("k_proj.weight"):
             data = _permute(data, kv_heads)
         new_name = name_map.get_name(name, try_suffixes=(".weight", ".bias"))
         if new_name is None:
             raise KeyError(f"no GGUF name for {name}")
-        if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+        # llama.cpp keeps the MoE router (ffn_gate_inp) in F32
+        if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32 or "ffn_gate_inp" in new_name:
             w.add_tensor(new_name, np.ascontiguousarray(data, dtype=np.float32))
         elif qtype == gguf.GGMLQuantizationType.F16:
             w.add_tensor(new_name, data.astype(np.float16))

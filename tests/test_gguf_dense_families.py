@@ -1,4 +1,4 @@
-"""GGUF files of the `phi2`, `phi3`, `starcoder2` and `glm4` llama.cpp architectures.
+"""GGUF files of the `phi2`, `phi3`, `starcoder2`, `glm4` and `smollm3` llama.cpp architectures.
 
 Tiny random transformers checkpoints (widths of 256 so K-quants apply) are written the way
 llama.cpp's converter lays them out (tests/fixtures_gguf.py: partial rotary as
@@ -29,6 +29,9 @@ VARIANTS = {
     "phi3": ("phi3", dict(sliding_window=None, original_max_position_embeddings=32, rope_parameters=PHI3_ROPE)),
     "starcoder2": ("starcoder2", dict(sliding_window=None)),
     "glm4": ("glm4", dict(head_dim=64)),
+    # 4 layers: the 4th is NoPE (llama.cpp fixes every 4th; the file says nothing about it).
+    "smollm3": ("smollm3", dict(num_hidden_layers=4, no_rope_layer_interval=4, use_sliding_window=False,
+                                sliding_window=None)),
 }
 # Ours against llama.cpp on the F32 file: llama.cpp keeps its KV cache in F16. Measured 2.3e-4
 # (StarCoder2) to 5.3e-4 (GLM-4) on logits of about +-1.5; a rope or norm mistake costs > 1e-2.

@@ -45,17 +45,22 @@ class GGUFArch:
 
 # llama.cpp `general.architecture` -> our model. Grows with the model families.
 GGUF_ARCHITECTURES: dict[str, GGUFArch] = {
-    "llama": GGUFArch("LlamaForCausalLM", permute_qk=True),
+    "llama": GGUFArch("LlamaForCausalLM", permute_qk=True, family="moe"),  # hook: Mixtral experts only
     "mistral": GGUFArch("MistralForCausalLM", permute_qk=True),
     "qwen2": GGUFArch("Qwen2ForCausalLM", permute_qk=False),
     "qwen3": GGUFArch("Qwen3ForCausalLM", permute_qk=False),
+    "qwen3moe": GGUFArch("Qwen3MoeForCausalLM", permute_qk=False, family="moe"),
     "phi2": GGUFArch("PhiForCausalLM", permute_qk=False, family="phi"),
     "phi3": GGUFArch("Phi3ForCausalLM", permute_qk=False, family="phi3"),
     "starcoder2": GGUFArch("Starcoder2ForCausalLM", permute_qk=False, family="starcoder2"),
     "glm4": GGUFArch("Glm4ForCausalLM", permute_qk=False, family="glm4"),
+    # llama.cpp's converter treats SmolLM3 as Llama (q/k permuted) and its loader fixes NoPE on every
+    # 4th layer, the transformers default that our model applies when no_rope_layers is absent.
+    "smollm3": GGUFArch("SmolLM3ForCausalLM", permute_qk=True),
     "gemma": GGUFArch("GemmaForCausalLM", permute_qk=False, family="gemma"),
     "gemma2": GGUFArch("Gemma2ForCausalLM", permute_qk=False, family="gemma"),
     "gemma3": GGUFArch("Gemma3ForCausalLM", permute_qk=False, family="gemma"),
+    "deepseek2": GGUFArch("DeepseekV2ForCausalLM", permute_qk=False, family="deepseek"),
 }
 
 _GLOBAL_NAMES = {
