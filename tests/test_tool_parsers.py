@@ -64,6 +64,9 @@ CASES = [
     ("llama3_json", "It is sunny {today}.", "It is sunny {today}.", [], []),
     ("mistral", (f'[TOOL_CALLS][{{"name": "get_weather", "arguments": {_j(W)}}}, {{"name": "search", "arguments": '
                  f'{_j(TRICKY)}}}]'), None, [("get_weather", _j(W)), ("search", _j(TRICKY))], ["[TOOL_CALLS]"]),
+    ("mistral", (f'[TOOL_CALLS] [{{"name": "get_weather", "arguments": {_j(W)}, "id": "a1B2c3D4e"}}, '
+                f'{{"name": "now", "arguments": "{{}}", "id": "f5G6h7I8j"}}]'),
+     None, [("get_weather", _j(W)), ("now", "{}")], ["[TOOL_CALLS]"]),
     ("mistral", f"Checking.[TOOL_CALLS]get_weather[ARGS]{_j(W)}[TOOL_CALLS]search[ARGS]{_j(TRICKY)}",
      "Checking.", [("get_weather", _j(W)), ("search", _j(TRICKY))], ["[TOOL_CALLS]", "[ARGS]"]),
     ("mistral", f"[TOOL_CALLS]get_weather[CALL_ID]a1B2c3D4e[ARGS]{_j(W)}", None, [("get_weather", _j(W))],
@@ -303,7 +306,7 @@ def _fmt(name: str, calls: list[tuple[str, str]]) -> str:
     if name == "llama3_json":
         return "; ".join(f'{{"name": "{n}", "parameters": {a}}}' for n, a in calls)
     if name == "mistral":
-        return "[TOOL_CALLS][" + ", ".join(f'{{"name": "{n}", "arguments": {a}}}' for n, a in calls) + "]"
+        return "[TOOL_CALLS] [" + ", ".join(f'{{"name": "{n}", "arguments": {a}}}' for n, a in calls) + "]"
     if name == "mistral_v11":
         return "".join(f"[TOOL_CALLS]{n}[ARGS]{a}" for n, a in calls)
     if name == "deepseek_v3":

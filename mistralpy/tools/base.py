@@ -12,12 +12,14 @@ content follows, which makes the concatenated content deltas equal to :meth:`par
 """
 from __future__ import annotations
 
+import json
 import secrets
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from mistralpy.tools.grammar import lark_str, select_tools
 from mistralpy.tools.jsonscan import BAD, PARTIAL, ObjectScan, loads_object, partial_suffix
 
 CONTENT, SKIP, CALL, FAIL, WAIT = "content", "skip", "call", "fail", "wait"
@@ -126,8 +128,6 @@ class ToolParser:
         (:func:`mistralpy.tools.grammar.marker_token_ids`), which the grammar then names as tokens.
         InvalidRequestError (field "tool_choice") for an unknown tool name or a non-forcing choice.
         """
-        from mistralpy.tools.grammar import select_tools
-
         calls, many = select_tools(tools, tool_choice)
         return "lark", self._lark(calls, many and parallel, _Marks(special_tokens))
 
@@ -143,6 +143,8 @@ class ToolParser:
             st = self._step(text, start, final)
             if st.kind == WAIT:
                 break
+            if st.kind == CALL and final and not st.done:
+                st = Step(FAIL, len(text))  # nothing more will come: an unfinished call is no call
             if st.kind == CALL:
                 self._on_call(st, out)
                 if not st.done:
@@ -205,8 +207,8 @@ def _merge(out: list[dict]) -> list[dict]:
                 continue
             if "tool_calls" in d and "tool_calls" in last:
                 a, b = last["tool_calls"][0], d["tool_calls"][0]
-                if a["index"] == b["index"] and set(b) == {"index", "function"} and set(b["function"]) == {"arguments"} \
-                        and "id" not in a:
+                pieces = set(a) == set(b) == {"index", "function"} and set(b["function"]) == {"arguments"}
+                if pieces and a["index"] == b["index"]:
                     a["function"]["arguments"] += b["function"]["arguments"]
                     continue
         merged.append(d)
@@ -278,8 +280,6 @@ def call_from_object(text: str, sc: ObjectScan, final: bool, start: int, end: in
 
 
 def _loads_str(raw: str) -> str | None:
-    import json
-
     try:
         v = json.loads(raw)
     except ValueError:
@@ -294,8 +294,6 @@ class _Marks:
         self.special = dict(special_tokens or {})
 
     def __call__(self, s: str) -> str:
-        from mistralpy.tools.grammar import lark_str
-
         if s in self.special:
             return f"<[{int(self.special[s])}]>"
         return lark_str(s)

@@ -1,6 +1,7 @@
 """Mistral tool calls, both tokenizer generations.
 
-- v3 (Mistral 7B v0.3, Mixtral, Nemo): ``[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]``.
+- v3 (Mistral 7B v0.3, Mixtral, Nemo): ``[TOOL_CALLS] [{"name": ..., "arguments": {...}, "id": ...}, ...]``
+  (the templates render history that way; "arguments" may be a JSON-encoded string there).
 - v11+ (Small 3.x, Devstral, Magistral): ``[TOOL_CALLS]name[ARGS]{...}``, one ``[TOOL_CALLS]`` per
   call; some write ``name[CALL_ID]id[ARGS]{...}``.
 
@@ -124,7 +125,8 @@ class MistralToolParser(ToolParser):
             return f"{lark_str(head)} {args} {lark_str('}')}"
 
         body = 'call (", " call)*' if many else "call"
-        return "\n".join([f"start: {marks(TOOL_CALLS)} \"[\" {body} \"]\"", *call_rules(calls, render)])
+        # The v3 templates write "[TOOL_CALLS] [" (a space before the list).
+        return "\n".join([f"start: {marks(TOOL_CALLS)} \" [\" {body} \"]\"", *call_rules(calls, render)])
 
 
 class MistralV11ToolParser(MistralToolParser):
