@@ -228,6 +228,7 @@ def test_detect_from_real_and_known_templates():
     assert detect_reasoning_parser("{{ '[THINK]' }}") == "mistral"
     assert detect_tool_parser(f"{{{{'{CALLS_BEGIN}{CALL_BEGIN}' + type + '{SEP}' + name + '\\n```json\\n'}}}}") == \
         "deepseek_v3"
+    assert detect_tool_parser("<tool_call>\n<function=name>\n<parameter=x>") is None  # Qwen3-Coder XML calls
     assert detect_tool_parser(None, "qwen3") == "hermes" and detect_tool_parser(None, "llama") is None
     assert detect_reasoning_parser(None, "qwen3") == "think"
 

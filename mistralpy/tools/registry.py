@@ -58,7 +58,9 @@ def detect_tool_parser(chat_template: str | None, model_type: str | None = None)
     if chat_template:
         t = chat_template
         if "<tool_call>" in t:
-            return "hermes"
+            # Qwen3-Coder / GLM write XML calls (<function=name><parameter=...>) inside the tags: a
+            # format we do not read, so none rather than a parser that would never find a call.
+            return None if "<function=" in t or "<arg_key>" in t else "hermes"
         if "[TOOL_CALLS]" in t:
             return "mistral_v11" if "[ARGS]" in t else "mistral"
         if CALLS_BEGIN in t:
