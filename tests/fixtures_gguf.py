@@ -24,6 +24,7 @@ _ARCH = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCa
          "Starcoder2ForCausalLM": "starcoder2", "Glm4ForCausalLM": "glm4", "SmolLM3ForCausalLM": "smollm3"}
 _ARCH |= {"GemmaForCausalLM": "gemma", "Gemma2ForCausalLM": "gemma2", "Gemma3ForCausalLM": "gemma3"}
 _ARCH |= {"MixtralForCausalLM": "llama", "Qwen3MoeForCausalLM": "qwen3moe"}
+_ARCH |= {"DeepseekV2ForCausalLM": "deepseek2", "DeepseekV3ForCausalLM": "deepseek2"}
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -128,10 +129,73 @@ def _stacked_experts(state: dict) -> dict:
     return out
 
 
-def write_gguf(hf_dir: Path, out: Path, weight_type: str = "F32", fuse_qkv: bool = False) -> Path:
+def _deepseek2_fields(writer, cfg: dict, legacy_kv_b: bool) -> None:
+    """What llama.cpp's DeepseekV2Model converter writes: MLA as MQA over the latent (key = latent +
+    rope, value = latent, per-head widths under the `_mla` keys); legacy_kv_b: the pre-MLA layout
+    (per-head widths under the plain keys, one attn_kv_b). Overwrites the generic head keys."""
+    import gguf
+
+    rope, latent, v_head = cfg["qk_rope_head_dim"], cfg["kv_lora_rank"], cfg["v_head_dim"]
+    qk_head = cfg["qk_nope_head_dim"] + rope
+    writer.add_rope_dimension_count(rope)
+    # 0 = a direct attn_q (the converter omits the key; llama.cpp then needs V2-Lite's 26/27 layers)
+    writer.add_q_lora_rank(cfg.get("q_lora_rank") or 0)
+    writer.add_kv_lora_rank(latent)
+    if legacy_kv_b:
+        writer.add_head_count_kv(cfg["num_attention_heads"])
+        writer.add_key_length(qk_head)
+        writer.add_value_length(v_head)
+    else:
+        writer.add_head_count_kv(1)
+        writer.add_key_length(latent + rope)
+        writer.add_value_length(latent)
+        writer.add_key_length_mla(qk_head)
+        writer.add_value_length_mla(v_head)
+    writer.add_leading_dense_block_count(cfg["first_k_dense_replace"])
+    writer.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+    writer.add_expert_count(cfg["n_routed_experts"])
+    writer.add_expert_used_count(cfg["num_experts_per_tok"])
+    writer.add_expert_shared_count(cfg["n_shared_experts"])
+    writer.add_expert_weights_scale(cfg["routed_scaling_factor"])
+    if cfg.get("norm_topk_prob"):
+        writer.add_expert_weights_norm(True)
+    v3 = cfg["architectures"][0] == "DeepseekV3ForCausalLM"
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if v3 else gguf.ExpertGatingFuncType.SOFTMAX)
+    if (cfg.get("n_group") or 1) > 1:
+        writer.add_expert_group_count(cfg["n_group"])
+        writer.add_expert_group_used_count(cfg["topk_group"])
+    rope_params = cfg.get("rope_parameters") or {}
+    if rope_params.get("rope_type") == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(rope_params["factor"])
+        writer.add_rope_scaling_orig_ctx_len(rope_params["original_max_position_embeddings"])
+        if rope_params.get("mscale_all_dim"):
+            writer.add_rope_scaling_yarn_log_mul(0.1 * rope_params["mscale_all_dim"])
+
+
+def _deepseek2_state(state: dict, cfg: dict, legacy_kv_b: bool) -> dict:
+    """kv_b_proj split into k_b_proj (k part transposed to [H, L, nope]) and v_b_proj [H, v, L] unless
+    legacy_kv_b; the router's score-correction bias under the name llama.cpp maps to exp_probs_b."""
+    out = {}
+    heads, nope, v_head = cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["v_head_dim"]
+    for name, tensor in state.items():
+        if name.endswith("e_score_correction_bias"):
+            out[name.replace("e_score_correction_bias", "e_score_correction.bias")] = tensor
+        elif name.endswith("kv_b_proj.weight") and not legacy_kv_b:
+            k_b, v_b = tensor.view(heads, nope + v_head, -1).split([nope, v_head], dim=1)
+            out[name.replace("kv_b_proj", "k_b_proj")] = k_b.transpose(1, 2).contiguous()
+            out[name.replace("kv_b_proj", "v_b_proj")] = v_b.contiguous()
+        else:
+            out[name] = tensor
+    return out
+
+
+def write_gguf(hf_dir: Path, out: Path, weight_type: str = "F32", fuse_qkv: bool = False,
+               legacy_kv_b: bool = False) -> Path:
     """Convert the float32 HF checkpoint in hf_dir into a GGUF file storing matrices as weight_type.
 
-    fuse_qkv writes q/k/v as one `attn_qkv` (as llama.cpp does from original Phi-2 checkpoints)."""
+    fuse_qkv writes q/k/v as one `attn_qkv` (as llama.cpp does from original Phi-2 checkpoints);
+    legacy_kv_b writes DeepSeek's kv_b_proj as one `attn_kv_b` (llama.cpp before MLA support)."""
     import gguf
     from safetensors.torch import load_file
 
@@ -163,6 +227,8 @@ def write_gguf(hf_dir: Path, out: Path, weight_type: str = "F32", fuse_qkv: bool
     _tokenizer_fields(w, hf_dir)
     if arch.startswith("gemma"):
         _gemma_fields(w, cfg, arch)
+    if arch == "deepseek2":
+        _deepseek2_fields(w, cfg, legacy_kv_b)
     if cfg.get("num_local_experts") or cfg.get("num_experts"):
         _moe_fields(w, cfg, arch)
 
@@ -172,6 +238,8 @@ def write_gguf(hf_dir: Path, out: Path, weight_type: str = "F32", fuse_qkv: bool
     if fuse_qkv:
         state = _fused_qkv(state)
     state = _stacked_experts(state)  # no-op without experts
+    if arch == "deepseek2":
+        state = _deepseek2_state(state, cfg, legacy_kv_b)
     for name, tensor in state.items():
         if name.endswith("rotary_emb.inv_freq"):
             continue
