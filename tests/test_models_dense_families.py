@@ -109,3 +109,31 @@ def test_phi3_longrope_long_and_short_factors_match_transformers(tmp_path, token
 def test_phi2_qk_layernorm_matches_transformers(tmp_path, tokenizer_dir):
     path = build_checkpoint(tmp_path / "phi_qk", "phi2", tokenizer_dir, qk_layernorm=True)
     assert _parity(path, _prompts([40], seed=3)[0], max_model_len=512) < 2e-4
+
+
+def _rewrite_config(path, drop: tuple[str, ...], **set_keys) -> None:
+    import json
+
+    cfg = json.loads((path / "config.json").read_text())
+    for key in drop:
+        cfg.pop(key, None)
+    cfg.update(set_keys)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("variant, spelling", [
+    # microsoft/phi-2: top-level partial_rotary_factor 0.4 (head_dim 16 -> 6 rotated dims) and rope_theta
+    ("phi2", dict(partial_rotary_factor=0.4, rope_theta=10000.0, rope_scaling=None)),
+    # Phi-3.5-mini: rope_scaling {"type": "longrope", ...} beside top-level original_max_position_embeddings
+    # (the older "su" spelling reads the same here, but transformers 5 rejects it)
+    ("phi3", dict(rope_theta=10000.0, original_max_position_embeddings=32, sliding_window=None,
+                  rope_scaling={"type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0],
+                                "long_factor": [1.0, 2.0, 4.0, 6.0, 8.0, 10.0, 14.0, 18.0]})),
+    # GLM-4-9B-0414: top-level partial_rotary_factor 0.5
+    ("glm4", dict(partial_rotary_factor=0.5, rope_theta=10000.0)),
+])
+def test_published_config_spellings_match_transformers(tmp_path, tokenizer_dir, variant, spelling):
+    """Hub config.json files predate transformers 5's rope_parameters: both must read the same."""
+    path = build_checkpoint(tmp_path / variant, variant, tokenizer_dir)
+    _rewrite_config(path, ("rope_parameters",), **spelling)
+    assert _parity(path, _prompts([40], seed=4)[0], max_model_len=512) < 2e-4
