@@ -24,8 +24,8 @@ VARIANTS = ["deepseek_v2_lite", "deepseek_v2", "deepseek_v3"]
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
 
-def build_deepseek(out_dir: Path, variant: str, tokenizer_dir: Path) -> Path:
-    path = build_checkpoint(out_dir, variant, tokenizer_dir, initializer_range=0.06)
+def build_deepseek(out_dir: Path, variant: str, tokenizer_dir: Path, **overrides) -> Path:
+    path = build_checkpoint(out_dir, variant, tokenizer_dir, **{"initializer_range": 0.06, **overrides})
     file = path / "model.safetensors"
     tensors = load_file(file)
     g = torch.Generator().manual_seed(7)
