@@ -17,6 +17,8 @@ Weight names. Our parameters are ``...experts.{e}.gate_up_proj.weight`` (shards 
 """
 from __future__ import annotations
 
+import itertools
+import weakref
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -39,9 +41,13 @@ class Router(nn.Module):
     def __init__(self, hidden_size: int, num_experts: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size), requires_grad=False)
+        # Only worker/compile.py sets it (an opaque op over the prepacked weight), as on Linear.
+        self.qkernel = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> router logits [T, E] in x's dtype."""
+        if self.qkernel is not None:
+            return self.qkernel(x)
         return linear(x, self.weight)
 
 
@@ -58,20 +64,54 @@ class ExpertMLP(nn.Module):
         return self.down_proj(act_and_mul(self.gate_up_proj(x), self.act_fn))
 
 
-class FusedExperts(nn.ModuleList):
+_KEYS = itertools.count()
+_BY_KEY: weakref.WeakValueDictionary[int, FusedExperts] = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("mistralpy_moe::fused_experts", mutates_args=())
+def _fused_experts_op(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                      key: torch.Tensor) -> torch.Tensor:
+    return _BY_KEY[int(key)].run_experts(x, topk_weights, topk_ids)
+
+
+@_fused_experts_op.register_fake
+def _(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+class FusedExperts(nn.Module):
     """``num_experts`` SwiGLU-style expert MLPs applied to routed tokens.
 
-    A ModuleList of ``ExpertMLP`` so parameter names are ``<block>.experts.{e}.gate_up_proj.weight``
-    (no extra level). ``self.experts[e]`` (== ``self[e]``) has ``gate_up_proj`` (MergedLinear
-    [2*inter, hidden], shards gate=0, up=1) and ``down_proj`` (Linear [hidden, inter]): ordinary
-    layers, so ISQ and GGUF kernels apply per expert.
+    The experts are children named ``0`` .. ``E-1``, so parameter names are
+    ``<block>.experts.{e}.gate_up_proj.weight`` (no extra level); indexing and iteration work as on
+    a ModuleList (a plain Module, because torch.compile special-cases ModuleList). ``self.experts[e]``
+    (== ``self[e]``) has ``gate_up_proj`` (MergedLinear [2*inter, hidden], shards gate=0, up=1)
+    and ``down_proj`` (Linear [hidden, inter]): ordinary layers, so ISQ and GGUF kernels apply per
+    expert.
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: str = "silu",
                  bias: bool = False) -> None:
-        super().__init__(ExpertMLP(hidden_size, intermediate_size, act, bias) for _ in range(num_experts))
+        super().__init__()
+        for e in range(num_experts):
+            self.add_module(str(e), ExpertMLP(hidden_size, intermediate_size, act, bias))
         self.num_experts = num_experts
         self.hidden_size = hidden_size
+
+        # Key of this module in _BY_KEY, a buffer so that a compiled layer gets it as a graph input
+        # (one graph serves every layer) and the opaque op finds the right experts.
+        self._key = next(_KEYS)
+        _BY_KEY[self._key] = self
+        self.register_buffer("moe_key", torch.tensor(self._key, dtype=torch.int64), persistent=False)
+
+    def __getitem__(self, e: int) -> ExpertMLP:
+        return self._modules[str(e)]
+
+    def __iter__(self) -> Iterator[ExpertMLP]:
+        return (self._modules[str(e)] for e in range(self.num_experts))
+
+    def __len__(self) -> int:
+        return self.num_experts
 
     @property
     def experts(self) -> FusedExperts:
@@ -82,8 +122,16 @@ class FusedExperts(nn.ModuleList):
         topk_ids [T, k] int64 -> [T, H] in x's dtype.
 
         Each (token, slot) pair is one row of work; rows are sorted by expert so every expert
-        that got tokens runs once on a contiguous gather of its rows.
+        that got tokens runs once on a contiguous gather of its rows. The per-expert row counts
+        are data-dependent, so under torch.compile (worker/compile.py) the whole call is one
+        opaque op.
         """
+        if torch.compiler.is_compiling():
+            return torch.ops.mistralpy_moe.fused_experts(x, topk_weights, topk_ids, self.moe_key)
+        return self.run_experts(x, topk_weights, topk_ids)
+
+    def run_experts(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """The eager computation behind ``forward``."""
         t, k = topk_ids.shape
         flat_ids = topk_ids.reshape(-1)
         order = torch.argsort(flat_ids, stable=True)  # stable: deterministic per-token order
@@ -96,7 +144,7 @@ class FusedExperts(nn.ModuleList):
             if n == 0:
                 continue
             rows = token_of_row[start:start + n]
-            y = self.experts[e](x.index_select(0, rows))
+            y = self[e](x.index_select(0, rows))
             out.index_add_(0, rows, y.float() * weights[start:start + n])
             start += n
         return out.to(x.dtype)
