@@ -13,7 +13,13 @@ Weight names. Our parameters are ``...experts.{e}.gate_up_proj.weight`` (shards 
 - Mixtral / Phi-MoE: ``experts.{e}.w1`` (gate) / ``w3`` (up) / ``w2`` (down);
 - Qwen3-MoE / DeepSeek: ``experts.{e}.gate_proj`` / ``up_proj`` / ``down_proj``;
 - transformers 5 fused 3-D tensors ``experts.gate_up_proj`` [E, 2I, H] and ``experts.down_proj``
-  [E, H, I]: ``split_fused_experts`` turns one into per-expert 2-D tensors under the names above.
+  [E, H, I]: ``split_fused_experts`` turns one into per-expert 2-D tensors under the names above;
+- GGUF (llama.cpp) stacked ``blk.N.ffn_{gate,up,down}_exps`` [E, out, in]: cut per expert on the
+  raw blocks by the loader hook (loading/gguf_families/moe.py), named as Qwen3-MoE's above.
+
+The router (``Router``) stays float under ISQ. Under torch.compile (worker/compile.py compiles
+whole decoder layers) the per-expert loop, whose row counts are data-dependent, is one opaque
+custom op.
 """
 from __future__ import annotations
 
