@@ -18,9 +18,9 @@ from mistralpy import Engine, SamplingParams
 from test_models_deepseek import build_deepseek
 
 CONFIGS = {
-    "v2_lite": ("deepseek_v2_lite", dict(n_group=1, topk_group=1, topk_method="greedy")),
+    "v2_lite": ("deepseek_v2_lite", {"n_group": 1, "topk_group": 1, "topk_method": "greedy"}),
     "v2_groups": ("deepseek_v2", {}),
-    "v3": ("deepseek_v3", dict(q_lora_rank=32)),  # 32: Q8_0 blocks fit q_b_proj's rows
+    "v3": ("deepseek_v3", {"q_lora_rank": 32}),  # 32: Q8_0 blocks fit q_b_proj's rows
 }
 IDS = torch.randint(3, 4096, (40,), generator=torch.Generator().manual_seed(0)).tolist()
 

@@ -161,3 +161,19 @@ def test_bf16_runs_close_to_float(tmp_path_factory, tokenizer_dir):
                                SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
     assert all(len(o.outputs[0].token_ids) == 6 for o in outs)
     assert (got - base).abs().max().item() < 0.15
+
+
+def test_compiled_decode_matches_eager(tmp_path_factory, tokenizer_dir):
+    """worker/compile.py's traced decode over the latent cache (value narrower than key), both graphs."""
+    path = build_deepseek(tmp_path_factory.mktemp("ds_compile"), "deepseek_v3", tokenizer_dir)
+    prompts = _prompts([40, 17, 5, 60], seed=10)
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    with Engine(str(path), dtype="f32", num_kv_blocks=64, max_model_len=256) as eager:
+        alone = eager.generate(prompts[0], sp)[0].outputs[0].token_ids
+        batch = _tokens(eager.generate(prompts, sp))
+    with Engine(str(path), dtype="f32", num_kv_blocks=64, max_model_len=256, compile=True) as compiled:
+        assert compiled.generate(prompts[0], sp)[0].outputs[0].token_ids == alone
+        assert _tokens(compiled.generate(prompts, sp)) == batch
+        decode = compiled.core.runner.compiled
+        assert decode._graphs == {False, True}
+        assert compiled.core.runner.model.model.decode_layers is decode

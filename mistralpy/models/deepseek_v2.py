@@ -79,8 +79,9 @@ class DeepseekV2MLP(nn.Module):
         super().__init__()
         hidden = cfg["hidden_size"]
         inter = intermediate_size or cfg["intermediate_size"]
-        self.gate_up_proj = MergedLinear(hidden, [inter, inter])
-        self.down_proj = Linear(inter, hidden)
+        bias = bool(cfg.get("mlp_bias", False))  # transformers' V2 option; DeepSeek's checkpoints have none
+        self.gate_up_proj = MergedLinear(hidden, [inter, inter], bias=bias)
+        self.down_proj = Linear(inter, hidden, bias=bias)
         self.act_fn = get_act_fn(cfg.get("hidden_act", "silu"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -294,9 +295,9 @@ class DeepseekV2ForCausalLM(CausalLM):
         self.v_in_k = True
 
     def map_weight_name(self, name: str) -> str | None:
-        if name.startswith("model.layers."):  # V3 checkpoints carry the MTP module as an extra layer
-            if int(name.split(".", 3)[2]) >= self.num_layers:
-                return None
+        # V3 checkpoints carry the multi-token-prediction module as an extra layer: not used here
+        if name.startswith("model.layers.") and int(name.split(".", 3)[2]) >= self.num_layers:
+            return None
         return name
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
