@@ -10,20 +10,20 @@ from __future__ import annotations
 import gguf
 import pytest
 import torch
-
 from fixtures_gguf import GGUF_BASE, llama_cpp_logits, llama_quantize, write_gguf
 from fixtures_models import all_logits, build_checkpoint, load_hf
+from test_models_moe import ExpertUse
+
 from mistralpy import Engine, SamplingParams
 from mistralpy.layers.moe import FusedExperts
 from mistralpy.loading.gguf_loader import hf_config_from_gguf
-from test_models_moe import ExpertUse
 
 IDS = list(range(100, 140))
 VARIANTS = {
-    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
     # llama.cpp always renormalises Qwen3-MoE's top-k weights (as the released models do).
-    "qwen3_moe": dict(head_dim=64, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256,
-                      norm_topk_prob=True),
+    "qwen3_moe": {"head_dim": 64, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 256,
+                  "norm_topk_prob": True},
 }
 ARCH = {"mixtral": ("llama", "MixtralForCausalLM"), "qwen3_moe": ("qwen3moe", "Qwen3MoeForCausalLM")}
 # Measured max |ours - llama.cpp| on the F32 files: 3.8e-4 (mixtral), 6.5e-4 (qwen3_moe); llama.cpp

@@ -6,12 +6,13 @@ the experts), so each expert's weights and their loading are exercised.
 from __future__ import annotations
 
 import json
+from typing import Self
 
 import pytest
 import torch
+from fixtures_models import all_logits, build_checkpoint, load_hf
 from safetensors.torch import save_file
 
-from fixtures_models import all_logits, build_checkpoint, load_hf
 from mistralpy import Engine, SamplingParams
 from mistralpy.layers.linear import Linear
 from mistralpy.layers.moe import FusedExperts, Router, topk_softmax_routing
@@ -63,7 +64,7 @@ class ExpertUse:
         self.routing: list[tuple[torch.Tensor, torch.Tensor]] = []  # (weights, ids) per call, in order
         self.handles = []
 
-    def __enter__(self) -> ExpertUse:
+    def __enter__(self) -> Self:
         for name, m in self.blocks.items():
             def hook(module, args, output, name=name):
                 self.counts[name] += torch.bincount(args[2].reshape(-1).cpu(), minlength=module.num_experts)
