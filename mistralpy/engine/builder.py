@@ -8,12 +8,25 @@ from typing import Any
 
 import torch
 
-from mistralpy.config import (CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, derive_max_model_len,
-                              read_json, resolve_device, resolve_dtype)
+from mistralpy.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    derive_max_model_len,
+    read_json,
+    resolve_device,
+    resolve_dtype,
+)
 from mistralpy.engine.core import EngineCore
 from mistralpy.errors import InvalidRequestError, ModelLoadError
-from mistralpy.loading.gguf_loader import (apply_rope_freq_factors, hf_config_from_gguf, metadata, open_readers,
-                                           split_files)
+from mistralpy.loading.gguf_loader import (
+    apply_rope_freq_factors,
+    hf_config_from_gguf,
+    metadata,
+    open_readers,
+    split_files,
+)
 from mistralpy.loading.hub import METADATA_ALLOW_PATTERNS, resolve_file, resolve_model_dir
 from mistralpy.loading.safetensors_reader import checkpoint_dtype
 from mistralpy.models.registry import resolve_architecture

@@ -9,6 +9,7 @@ Each choice then parses its output with :meth:`ChatSpec.message` (whole text) or
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,8 +41,7 @@ class ChatSpec:
         if self.reasoning_parser is not None:
             from mistralpy.tools import get_reasoning_parser
 
-            start = get_reasoning_parser(self.reasoning_parser).start
-            self.starts_in_reasoning = prompt_text.rstrip().endswith(start)
+            self.starts_in_reasoning = get_reasoning_parser(self.reasoning_parser).prompt_opens_reasoning(prompt_text)
 
     def stream(self) -> ChoiceStream:
         return ChoiceStream(self)
@@ -132,12 +132,13 @@ def _named_tool(tool_choice: dict[str, Any], tools: list[dict[str, Any]]) -> str
 
 
 def chat_spec(*, tools: Any, tool_choice: Any, tool_parser: str | None, reasoning_parser: str | None,
-              constrained: bool = False) -> ChatSpec:
+              constrained: bool = False, special_tokens: Mapping[str, int] | None = None) -> ChatSpec:
     """Resolve a chat request's tool and reasoning handling.
 
     ``tool_parser`` / ``reasoning_parser`` are the model's formats (configured or detected; None if
     unknown). ``constrained``: the request already has a response_format or grammar, which cannot
-    be combined with a forced tool call. Call :meth:`ChatSpec.note_prompt` once the prompt is rendered.
+    be combined with a forced tool call. ``special_tokens`` (text -> id) lets a forced call's
+    grammar name markers that are special tokens of the tokenizer (Qwen's ``<tool_call>``). Call :meth:`ChatSpec.note_prompt` once the prompt is rendered.
     """
     spec = ChatSpec(reasoning_parser=reasoning_parser)
     if tools is not None and len(tools) == 0:
@@ -160,7 +161,7 @@ def chat_spec(*, tools: Any, tool_choice: Any, tool_parser: str | None, reasonin
         from mistralpy.tools import get_tool_parser
 
         spec.tool_parser = tool_parser or FALLBACK_TOOL_PARSER
-        kind, text = get_tool_parser(spec.tool_parser).grammar(spec.tools, tool_choice)
+        kind, text = get_tool_parser(spec.tool_parser).grammar(spec.tools, tool_choice, special_tokens)
         spec.grammar = {"type": kind, "value": text}
     else:
         raise InvalidRequestError("tool_choice must be 'none', 'auto', 'required' or "

@@ -121,8 +121,10 @@ class EngineCore:
         reason, stop_reason = None, None
         n_out = len(req.output_token_ids)
         grammar = req.grammar
-        if grammar is not None:
-            grammar.accept(token)
+        if grammar is not None and not grammar.accept(token):
+            # Cannot happen for a token the mask allowed, short of an llguidance inconsistency: the
+            # matcher is stopped now, so the request ends here; say why.
+            log.warning("request %s: grammar rejected token %d: %s", req.request_id, token, grammar.error())
         if grammar is not None and grammar.is_stopped():
             # The grammar accepted (EOS taken, or nothing may follow): done; an EOS token is not text.
             if token not in req.eos_token_ids:

@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from mistralpy.engine import openai_format as oai
-from mistralpy.engine.chat_output import ChatSpec, chat_spec
 from mistralpy.engine.builder import EngineOptions, build_core, generation_defaults
+from mistralpy.engine.chat_output import ChatSpec, chat_spec
 from mistralpy.engine.core import EngineCore, SeqUpdate
 from mistralpy.engine.input_processor import InputProcessor, Prompt, is_token_ids, new_request_id
 from mistralpy.engine.loop import EngineLoop
@@ -62,6 +62,8 @@ def normalize_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any
             msg["content"] = "\n".join(texts)
         elif content is not None and not isinstance(content, str):
             raise InvalidRequestError(f"messages[{i}].content must be a string or a list of parts", "messages")
+        if msg.get("content") is None:
+            msg["content"] = ""  # an assistant turn that only calls tools: templates still read its content
         if msg.get("tool_calls"):
             msg["tool_calls"] = [_template_tool_call(c) for c in msg["tool_calls"]]
         out.append(msg)
@@ -119,11 +121,10 @@ class Engine:
 
     def _output_formats(self) -> tuple[str | None, str | None]:
         """The model's tool-call and reasoning formats: configured, else detected from its template."""
-        try:
-            from mistralpy.tools import (TOOL_PARSERS, detect_reasoning_parser, detect_tool_parser,
-                                         get_reasoning_parser)
-        except ImportError:  # TEMP while mistralpy.tools is being written
-            return None, None
+        from mistralpy.tools import TOOL_PARSERS, detect_reasoning_parser, detect_tool_parser, get_reasoning_parser
+        from mistralpy.tools.grammar import marker_token_ids
+
+        self._marker_tokens = marker_token_ids(self.tokenizer)  # for grammars that force a tool call
 
         template = self.tokenizer.chat_template.source if self.tokenizer.chat_template is not None else None
         model_type = self.model_config.hf_config.get("model_type")
@@ -226,12 +227,17 @@ class Engine:
                 raise InvalidRequestError("reasoning_effort must be 'low', 'medium' or 'high'", "reasoning_effort")
             kwargs["reasoning_effort"] = reasoning_effort
         spec = chat_spec(tools=tools, tool_choice=tool_choice, tool_parser=self.tool_parser,
-                         reasoning_parser=self.reasoning_parser, constrained=params.structured is not None)
+                         reasoning_parser=self.reasoning_parser, constrained=params.structured is not None,
+                         special_tokens=self._marker_tokens)
         text = self.render_chat(messages, tools=spec.tools, add_generation_prompt=add_generation_prompt,
                                 chat_template_kwargs=kwargs, enable_thinking=enable_thinking)
         spec.note_prompt(text)
         if spec.grammar is not None:
             params = dataclasses.replace(params, grammar=spec.grammar)
+        if not spec.plain and params.skip_special_tokens:
+            # Call and reasoning markers may be special tokens ([TOOL_CALLS], <|python_tag|>): the
+            # parsers must see them (they never reach the client as text).
+            params = dataclasses.replace(params, skip_special_tokens=False)
         return text, params, spec
 
     def chat(self, messages: Sequence[dict[str, Any]], *, stream: bool = False, tools: list[dict] | None = None,
