@@ -61,15 +61,24 @@ def _old_config_gemma3(out: Path, tokenizer_dir: Path) -> Path:
     return path
 
 
-def _multimodal_gemma3(out: Path, tokenizer_dir: Path, new_names: bool) -> Path:
-    """A Gemma3ForConditionalGeneration (tiny SigLIP tower) whose text part is the `gemma3` variant.
-    transformers saves `language_model.model.*`; new_names renames to `model.language_model.*`."""
+# A text_config as sparse as the published gemma-3-4b/12b/27b ones: everything else (8 heads of 256,
+# 4 kv heads, windows on five layers in six, rope bases 1e6 / 1e4, ...) is transformers' default.
+SPARSE_TEXT_CONFIG = dict(model_type="gemma3_text", vocab_size=4096, hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=6, sliding_window=8, rope_scaling={"rope_type": "linear", "factor": 8.0},
+                          eos_token_id=2, pad_token_id=0, bos_token_id=None)
+
+
+def _multimodal_gemma3(out: Path, tokenizer_dir: Path, new_names: bool = False, sparse: bool = False) -> Path:
+    """A Gemma3ForConditionalGeneration (tiny SigLIP tower) whose text part is the `gemma3` variant
+    (or SPARSE_TEXT_CONFIG, written back as sparse as it was given). transformers saves
+    `language_model.model.*`; new_names renames to `model.language_model.*`."""
     import transformers
 
     _, extra = VARIANTS["gemma3"]
     vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                   num_attention_heads=2, image_size=32, patch_size=8)
-    cfg = transformers.Gemma3Config(text_config={**BASE, **extra}, vision_config=vision, mm_tokens_per_image=4)
+    text = dict(SPARSE_TEXT_CONFIG) if sparse else {**BASE, **extra}
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
     torch.manual_seed(0)
     model = transformers.Gemma3ForConditionalGeneration(cfg).eval()
     with torch.no_grad():
@@ -79,6 +88,9 @@ def _multimodal_gemma3(out: Path, tokenizer_dir: Path, new_names: bool) -> Path:
     model.save_pretrained(out)
     for f in Path(tokenizer_dir).iterdir():
         shutil.copy(f, out / f.name)
+    if sparse:
+        saved = json.loads((out / "config.json").read_text())
+        (out / "config.json").write_text(json.dumps({**saved, "text_config": SPARSE_TEXT_CONFIG}))
     if new_names:
         def rename(state):
             prefix = "language_model.model."
@@ -91,8 +103,9 @@ def _multimodal_gemma3(out: Path, tokenizer_dir: Path, new_names: bool) -> Path:
 _BUILDERS = {
     "gemma2_sharp": _sharp_gemma2,
     "gemma3_old_config": _old_config_gemma3,
-    "gemma3_mm": lambda out, tok: _multimodal_gemma3(out, tok, new_names=False),
+    "gemma3_mm": _multimodal_gemma3,
     "gemma3_mm_new_names": lambda out, tok: _multimodal_gemma3(out, tok, new_names=True),
+    "gemma3_mm_sparse_config": lambda out, tok: _multimodal_gemma3(out, tok, sparse=True),
 }
 
 

@@ -29,7 +29,7 @@ from mistralpy.loading.gguf_loader import (
 )
 from mistralpy.loading.hub import METADATA_ALLOW_PATTERNS, resolve_file, resolve_model_dir
 from mistralpy.loading.safetensors_reader import checkpoint_dtype
-from mistralpy.models.registry import resolve_architecture
+from mistralpy.models.registry import get_model_class, resolve_architecture
 from mistralpy.quant.isq import parse_isq
 from mistralpy.quant.topology import Topology
 from mistralpy.tokenizer.tokenizer import Tokenizer
@@ -148,6 +148,8 @@ def build_core(model: str, opts: EngineOptions) -> tuple[EngineCore, Tokenizer, 
         raise ModelLoadError(f"{model_dir} has no config.json")
     gen_cfg = read_json(Path(model_dir) / "generation_config.json")
     arch = resolve_architecture(hf_config, opts.arch)
+    # Families whose published configs leave keys at transformers' defaults fill them in (Gemma 3).
+    hf_config = getattr(get_model_class(arch), "complete_config", lambda cfg: cfg)(hf_config)
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device, checkpoint_dtype(Path(model_dir), hf_config))
     text_cfg = hf_config.get("text_config") or hf_config

@@ -14,6 +14,12 @@ from mistralpy.models.gemma2 import Gemma2Attention, Gemma2DecoderLayer, Gemma2F
 # transformers' Gemma3TextConfig defaults, used when a config leaves them out.
 DEFAULT_GLOBAL_THETA = 1_000_000.0
 DEFAULT_LOCAL_THETA = 10_000.0
+# The published multimodal configs (gemma-3-4b/12b/27b) give only what differs from these.
+TEXT_DEFAULTS: dict[str, Any] = dict(
+    vocab_size=262_208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8,
+    num_key_value_heads=4, head_dim=256, hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131_072,
+    rms_norm_eps=1e-6, tie_word_embeddings=True, query_pre_attn_scalar=256, sliding_window=4096,
+    rope_theta=DEFAULT_GLOBAL_THETA, rope_local_base_freq=DEFAULT_LOCAL_THETA)
 
 
 def gemma3_rope_params(cfg: dict[str, Any], layer_type: str) -> tuple[float, dict | None]:
@@ -55,6 +61,12 @@ class Gemma3Model(Gemma2Model):
 class Gemma3ForCausalLM(Gemma2ForCausalLM):
     model_cls = Gemma3Model
 
+    @staticmethod
+    def complete_config(hf_config: dict[str, Any]) -> dict[str, Any]:
+        """config.json with the text model's missing keys at transformers' defaults (the engine
+        reads sizes from it before the model exists)."""
+        return {**TEXT_DEFAULTS, **hf_config}
+
 
 class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
     """The language model of the multimodal checkpoint (its `text_config` is what the model gets)."""
@@ -63,6 +75,10 @@ class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):
     _PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
                  ("language_model.lm_head.", "lm_head."))
     _VISION = ("model.vision_tower.", "vision_tower.", "model.multi_modal_projector.", "multi_modal_projector.")
+
+    @staticmethod
+    def complete_config(hf_config: dict[str, Any]) -> dict[str, Any]:
+        return {**hf_config, "text_config": {**TEXT_DEFAULTS, **(hf_config.get("text_config") or {})}}
 
     def map_weight_name(self, name: str) -> str | None:
         if name.startswith(self._VISION):
