@@ -79,6 +79,10 @@ def test_required_and_named_tool_calls(served):
         choice = res["choices"][0]
         assert choice["finish_reason"] == "tool_calls", choice
         _check_calls(choice["message"]["tool_calls"])
+    for seed in range(3):  # parallel_tool_calls=False: exactly one call
+        res = eng.chat(ASK, tools=TOOLS, tool_choice="required", parallel_tool_calls=False, temperature=1.0,
+                       seed=seed, max_tokens=150)
+        assert len(res["choices"][0]["message"]["tool_calls"]) == 1
     named = {"type": "function", "function": {"name": "search"}}
     res = eng.chat(ASK, tools=TOOLS, tool_choice=named, temperature=1.0, seed=7, max_tokens=150)
     _check_calls(res["choices"][0]["message"]["tool_calls"], {"search"})

@@ -91,13 +91,14 @@ class AsyncEngine:
                    tool_choice: Any = None, add_generation_prompt: bool = True,
                    chat_template_kwargs: dict[str, Any] | None = None, enable_thinking: bool | None = None,
                    reasoning_effort: str | None = None, sampling_params: SamplingParams | None = None,
-                   stream_options: dict[str, Any] | None = None, **sampling: Any) -> OpenAIObject | AsyncIterator[OpenAIObject]:
+                   stream_options: dict[str, Any] | None = None, parallel_tool_calls: bool = True,
+                   **sampling: Any) -> OpenAIObject | AsyncIterator[OpenAIObject]:
         """Awaitable chat completion; with stream=True, an async iterator of chunks (see Engine.chat)."""
         params = sampling_from_kwargs(sampling, sampling_params)
         text, params, spec = self.engine.prepare_chat(
             messages, params, tools=tools, tool_choice=tool_choice, add_generation_prompt=add_generation_prompt,
             chat_template_kwargs=chat_template_kwargs, enable_thinking=enable_thinking,
-            reasoning_effort=reasoning_effort)
+            reasoning_effort=reasoning_effort, parallel_tool_calls=parallel_tool_calls)
         tracker, reqs = self.engine._prepare(text, params, add_special_tokens=False)
         chat_id, created = oai.new_chat_id(), oai.now()
         name = self.engine.model_name

@@ -132,7 +132,8 @@ def _named_tool(tool_choice: dict[str, Any], tools: list[dict[str, Any]]) -> str
 
 
 def chat_spec(*, tools: Any, tool_choice: Any, tool_parser: str | None, reasoning_parser: str | None,
-              constrained: bool = False, special_tokens: Mapping[str, int] | None = None) -> ChatSpec:
+              constrained: bool = False, special_tokens: Mapping[str, int] | None = None,
+              parallel_tool_calls: bool = True) -> ChatSpec:
     """Resolve a chat request's tool and reasoning handling.
 
     ``tool_parser`` / ``reasoning_parser`` are the model's formats (configured or detected; None if
@@ -161,7 +162,8 @@ def chat_spec(*, tools: Any, tool_choice: Any, tool_parser: str | None, reasonin
         from mistralpy.tools import get_tool_parser
 
         spec.tool_parser = tool_parser or FALLBACK_TOOL_PARSER
-        kind, text = get_tool_parser(spec.tool_parser).grammar(spec.tools, tool_choice, special_tokens)
+        kind, text = get_tool_parser(spec.tool_parser).grammar(spec.tools, tool_choice, special_tokens,
+                                                                 parallel=parallel_tool_calls)
         spec.grammar = {"type": kind, "value": text}
     else:
         raise InvalidRequestError("tool_choice must be 'none', 'auto', 'required' or "

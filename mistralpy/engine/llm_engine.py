@@ -218,7 +218,8 @@ class Engine:
     def prepare_chat(self, messages: Sequence[dict[str, Any]], params: SamplingParams, *, tools: Any = None,
                      tool_choice: Any = None, add_generation_prompt: bool = True,
                      chat_template_kwargs: dict[str, Any] | None = None, enable_thinking: bool | None = None,
-                     reasoning_effort: str | None = None) -> tuple[str, SamplingParams, ChatSpec]:
+                     reasoning_effort: str | None = None,
+                     parallel_tool_calls: bool = True) -> tuple[str, SamplingParams, ChatSpec]:
         """Render a chat request and resolve its tools / reasoning handling: (prompt text, sampling
         params with any tool-call grammar added, ChatSpec for parsing the output)."""
         kwargs = dict(chat_template_kwargs or {})
@@ -228,7 +229,7 @@ class Engine:
             kwargs["reasoning_effort"] = reasoning_effort
         spec = chat_spec(tools=tools, tool_choice=tool_choice, tool_parser=self.tool_parser,
                          reasoning_parser=self.reasoning_parser, constrained=params.structured is not None,
-                         special_tokens=self._marker_tokens)
+                         special_tokens=self._marker_tokens, parallel_tool_calls=parallel_tool_calls)
         text = self.render_chat(messages, tools=spec.tools, add_generation_prompt=add_generation_prompt,
                                 chat_template_kwargs=kwargs, enable_thinking=enable_thinking)
         spec.note_prompt(text)
@@ -245,7 +246,8 @@ class Engine:
              chat_template_kwargs: dict[str, Any] | None = None, enable_thinking: bool | None = None,
              reasoning_effort: str | None = None, sampling_params: SamplingParams | None = None,
              stream_options: dict[str, Any] | None = None, tool_callbacks: dict[str, Callable[..., Any]] | None = None,
-             max_tool_rounds: int = 8, **sampling: Any) -> OpenAIObject | Iterator[OpenAIObject]:
+             max_tool_rounds: int = 8, parallel_tool_calls: bool = True,
+             **sampling: Any) -> OpenAIObject | Iterator[OpenAIObject]:
         """OpenAI-shaped chat completion; with stream=True an iterator of chat.completion.chunk objects.
 
         ``tools`` / ``tool_choice`` as in OpenAI's API; the output's tool calls are parsed into
@@ -256,7 +258,7 @@ class Engine:
         params = sampling_from_kwargs(sampling, sampling_params)
         chat = dict(tools=tools, tool_choice=tool_choice, add_generation_prompt=add_generation_prompt,
                     chat_template_kwargs=chat_template_kwargs, enable_thinking=enable_thinking,
-                    reasoning_effort=reasoning_effort)
+                    reasoning_effort=reasoning_effort, parallel_tool_calls=parallel_tool_calls)
         if tool_callbacks:
             from mistralpy.engine.tool_loop import ToolLoop
 

@@ -34,7 +34,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
     text, params, spec = engine.engine.prepare_chat(
         messages, body.to_sampling_params(), tools=body.tools, tool_choice=body.tool_choice,
         add_generation_prompt=body.add_generation_prompt, chat_template_kwargs=body.chat_template_kwargs,
-        enable_thinking=body.enable_thinking, reasoning_effort=body.reasoning_effort)
+        enable_thinking=body.enable_thinking, reasoning_effort=body.reasoning_effort,
+        parallel_tool_calls=body.parallel_tool_calls)
     # The template already wrote BOS where the model wants it.
     prepared = prepare_prompt(engine, text, params, add_special_tokens=False, truncate=body.truncate_sequence)
     gen = Generation(engine, state.metrics, [prepared])
