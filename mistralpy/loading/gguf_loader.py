@@ -36,6 +36,9 @@ class GGUFArch:
     # Module under mistralpy.loading.gguf_families with this family's hooks (see that package's
     # docstring): extra config keys, extra tensor names, tensors to split or adjust.
     family: str | None = None
+    # Other architectures the family hook may pick from the metadata (Mixtral for `llama` files with
+    # experts, DeepSeek V3 for `deepseek2` files with sigmoid gating): listed for the support table.
+    also_builds: tuple[str, ...] = ()
 
     def hooks(self) -> Any:
         from mistralpy.loading.gguf_families import family_hooks
@@ -45,7 +48,8 @@ class GGUFArch:
 
 # llama.cpp `general.architecture` -> our model. Grows with the model families.
 GGUF_ARCHITECTURES: dict[str, GGUFArch] = {
-    "llama": GGUFArch("LlamaForCausalLM", permute_qk=True, family="moe"),  # hook: Mixtral experts only
+    # the moe hook only acts on files with experts (Mixtral); dense llama files pass through
+    "llama": GGUFArch("LlamaForCausalLM", permute_qk=True, family="moe", also_builds=("MixtralForCausalLM",)),
     "mistral": GGUFArch("MistralForCausalLM", permute_qk=True),
     "qwen2": GGUFArch("Qwen2ForCausalLM", permute_qk=False),
     "qwen3": GGUFArch("Qwen3ForCausalLM", permute_qk=False),
@@ -60,7 +64,8 @@ GGUF_ARCHITECTURES: dict[str, GGUFArch] = {
     "gemma": GGUFArch("GemmaForCausalLM", permute_qk=False, family="gemma"),
     "gemma2": GGUFArch("Gemma2ForCausalLM", permute_qk=False, family="gemma"),
     "gemma3": GGUFArch("Gemma3ForCausalLM", permute_qk=False, family="gemma"),
-    "deepseek2": GGUFArch("DeepseekV2ForCausalLM", permute_qk=False, family="deepseek"),
+    "deepseek2": GGUFArch("DeepseekV2ForCausalLM", permute_qk=False, family="deepseek",
+                          also_builds=("DeepseekV3ForCausalLM",)),
 }
 
 _GLOBAL_NAMES = {
