@@ -105,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Quantize a float Hugging Face checkpoint into a GGUF file that "
                                           "llama.cpp and mistralpy load (tokenizer and chat template inside).")
     add_quantize_args(quantize)
+    from mistralpy.cli.bench import add_bench_args
+
+    bench = sub.add_parser("bench", help="prefill / decode tok/s of one model, with a memory-bandwidth roofline",
+                           description="Single-request prefill tok/s at given prompt lengths and decode tok/s at "
+                                       "given context depths (random prompts, EOS ignored), against the machine's "
+                                       "memory-bandwidth limit.")
+    add_bench_args(bench)
     return parser
 
 
@@ -115,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        if args.command in ("run", "serve") and not args.model and not getattr(args, "config", None):
+        if args.command in ("run", "serve", "bench") and not args.model and not getattr(args, "config", None):
             from mistralpy.cli.default_model import default_model_path
 
             args.model = default_model_path()
@@ -131,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
             from mistralpy.cli.quantize import quantize_command
 
             return quantize_command(args)
+        if args.command == "bench":
+            from mistralpy.cli.bench import bench_command
+
+            return bench_command(args)
     except MistralPyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
