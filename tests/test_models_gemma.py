@@ -237,3 +237,19 @@ def test_isq_q8_0_matches_transformers_on_rounded_weights(tmp_path, tokenizer_di
     err = (ours - float_logits).abs().max().item()
     assert 0 < err < 0.05 * float_logits.abs().max().item(), f"{variant}: {err}"
     assert (ours.argmax(-1) == float_logits.argmax(-1)).float().mean().item() >= 0.9
+
+
+@pytest.mark.slow
+def test_compiled_decode_matches_eager_gemma2(tmp_path, tokenizer_dir):
+    """torch.compile'd decode (worker/compile.py) through soft-capped attention and both kinds of
+    layer (two graphs per layer kind) gives eager's greedy tokens. ~20-30 s of compiling."""
+    path = build_checkpoint(tmp_path / "gemma2", "gemma2", tokenizer_dir)
+    prompts = _prompts([40, 17, 5, 90], seed=7)
+    with Engine(str(path), dtype="f32", num_kv_blocks=64, max_model_len=256) as eager:
+        alone = _tokens(eager.generate(prompts[0], GREEDY))[0]
+        batch = _tokens(eager.generate(prompts, GREEDY))
+    with Engine(str(path), dtype="f32", num_kv_blocks=64, max_model_len=256, compile=True) as compiled:
+        assert _tokens(compiled.generate(prompts[0], GREEDY))[0] == alone
+        assert _tokens(compiled.generate(prompts, GREEDY)) == batch
+        assert compiled.core.runner.compiled._graphs == {False, True}
+        assert compiled.core.runner.model.model.decode_layers is compiled.core.runner.compiled
