@@ -97,6 +97,40 @@ def test_config_and_norms_from_gguf(checkpoints, tokenizer_dir):
                 assert cfg["rope_parameters"]["sliding_attention"]["rope_theta"] == 10000.0
 
 
+def _meta(arch: str, layers: int, hidden: int, heads: int, **extra) -> dict:
+    keys = {"embedding_length": hidden, "attention.head_count": heads, "attention.head_count_kv": heads // 2,
+            "attention.key_length": 128, "feed_forward_length": 4 * hidden, "block_count": layers,
+            "vocab_size": 256, **extra}
+    return {"general.architecture": arch, **{f"{arch}.{k}": v for k, v in keys.items()}}
+
+
+def test_llama_cpp_implicit_hyper_parameters():
+    """llama.cpp's fixed rules for what Gemma files leave out: the 27B models scale queries by
+    hidden / heads (Gemma 2: 4608 / 32 = 144, Gemma 3: 5376 / 32 = 168), others by head_dim; Gemma 2
+    alternates local/global with defaults window 4096 and caps 50 / 30; Gemma 3 has one global layer
+    in six (or a per-layer pattern), local rope base 10000, and no local layers without a window."""
+    from mistralpy.loading.gguf_loader import hf_config_from_gguf
+
+    cfg = hf_config_from_gguf(_meta("gemma2", 46, 4608, 32), set())
+    assert cfg["query_pre_attn_scalar"] == 144 and cfg["sliding_window"] == 4096
+    assert (cfg["attn_logit_softcapping"], cfg["final_logit_softcapping"]) == (50.0, 30.0)
+    assert cfg["layer_types"][:3] == ["sliding_attention", "full_attention", "sliding_attention"]
+    cfg = hf_config_from_gguf(_meta("gemma2", 26, 2304, 8), set())
+    assert cfg["query_pre_attn_scalar"] == 128
+    cfg = hf_config_from_gguf(_meta("gemma3", 62, 5376, 32, **{"attention.sliding_window": 1024,
+                                                               "rope.freq_base": 1e6}), set())
+    assert cfg["query_pre_attn_scalar"] == 168 and cfg["final_logit_softcapping"] is None
+    assert cfg["layer_types"][4:7] == ["sliding_attention", "full_attention", "sliding_attention"]
+    assert cfg["rope_parameters"] == {"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                      "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+    pattern = [True, False, False, True]
+    cfg = hf_config_from_gguf(_meta("gemma3", 4, 640, 4, **{"attention.sliding_window": 512,
+                                                            "attention.sliding_window_pattern": pattern}), set())
+    assert cfg["layer_types"] == ["sliding_attention", "full_attention", "full_attention", "sliding_attention"]
+    cfg = hf_config_from_gguf(_meta("gemma3", 4, 640, 4), set())
+    assert cfg["layer_types"] == ["full_attention"] * 4
+
+
 def _hf_on_gguf_weights(hf_dir, path):
     """transformers' model with every weight replaced by the GGUF file's (dequantized by gguf, norms
     less the converter's 1): the exact float reference for computing with the file's weights."""
