@@ -39,8 +39,8 @@ def _edit_weights(path: Path, edit) -> None:
 
 
 def _sharp_gemma2(out: Path, tokenizer_dir: Path) -> Path:
-    """Gemma 2 whose attention scores reach ~+-3 (q and k weights x10), capped at 1.0: with random
-    init they stay ~0.02 and no cap would ever act."""
+    """Gemma 2 with q and k weights x10 (scores x100) and an attention cap of 1.0: with random init
+    the scores stay far below any cap, which then never acts (test_softcap_and_window_are_exercised)."""
     path = build_checkpoint(out, "gemma2", tokenizer_dir, attn_logit_softcapping=1.0)
     _edit_weights(path, lambda s: {k: v * 10 if (".q_proj." in k or ".k_proj." in k) else v for k, v in s.items()})
     return path
