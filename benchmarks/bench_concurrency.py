@@ -46,7 +46,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from bench_engine import CpuMonitor  # noqa: E402  (same directory)
+from bench_engine import CpuMonitor  # same directory
 
 ENGINES = ("engine", "server", "llama.cpp", "transformers")
 Record = tuple[float, float | None, float | None, int]  # submit, first token, last token, tokens
@@ -118,14 +118,14 @@ def summarize(records: list[Record], wall: float, gen_len: int) -> dict[str, Any
 
 # ---- (a) in-process AsyncEngine ------------------------------------------------------------------------
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(dtype=args.dtype, max_seqs=max(32, max(args.levels)), compile=args.compile,
-                max_model_len=max(2048, args.prompt_len + args.gen_len + 16))
+    return {"dtype": args.dtype, "max_seqs": max(32, max(args.levels)), "compile": args.compile}
 
 
 def run_engine(args: argparse.Namespace, prompts: Prompts) -> list[dict]:
     from mistralpy import AsyncEngine, SamplingParams
 
     aeng = AsyncEngine(args.model, **engine_kwargs(args))
+    args.mistralpy_dtype = str(aeng.engine.model_config.dtype).replace("torch.", "")
     params = SamplingParams(temperature=0.0, max_tokens=args.gen_len, ignore_eos=True)
 
     async def one(text: str) -> Record:
@@ -225,8 +225,7 @@ def run_server(args: argparse.Namespace, prompts: Prompts, which: str) -> list[d
     log.parent.mkdir(parents=True, exist_ok=True)
     if which == "server":
         cmd = [sys.executable, "-m", "mistralpy.cli.main", "serve", "-m", args.model, "--port", str(port),
-               "--dtype", args.dtype, "--max-seqs", str(max(32, max(args.levels))),
-               "--max-model-len", str(max(2048, args.prompt_len + args.gen_len + 16)), "--log-interval", "0"]
+               "--dtype", args.dtype, "--max-seqs", str(max(32, max(args.levels))), "--log-interval", "0"]
         cmd += ["--compile"] if args.compile else []
         extra: dict[str, Any] = {"ignore_eos": True}
     else:
@@ -244,7 +243,7 @@ def run_server(args: argparse.Namespace, prompts: Prompts, which: str) -> list[d
                          "stream": True, "stream_options": {"include_usage": True}, **extra} for t in texts]
             return asyncio.run(http_level(server.url, payloads, args.request_timeout, args.gen_len))
 
-        return sweep(args, prompts, level)
+        return sweep(args, prompts, level, server.proc.pid)
     finally:
         server.stop()
 
@@ -283,22 +282,36 @@ def run_transformers(args: argparse.Namespace, prompts: Prompts) -> list[dict]:
         recs = [(0.0, t1, t1 + itl * (args.gen_len - 1), args.gen_len) for _ in texts]
         return summarize(recs, tn, args.gen_len) | {"note": "static batch: TTFT = 1-token batch time"}
 
-    try:
-        return in_thread(sweep, args, prompts, level)
-    finally:
-        del model
-        gc.collect()
+    return in_thread(sweep, args, prompts, level)  # the model is freed with this frame
 
 
 # ---- driver ---------------------------------------------------------------------------------------------
-def sweep(args: argparse.Namespace, prompts: Prompts, level) -> list[dict]:
-    """Warm-up, then each concurrency level with fresh prompts."""
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) used so far by process `pid`, threads included."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def sweep(args: argparse.Namespace, prompts: Prompts, level, server_pid: int | None = None) -> list[dict]:
+    """Warm-up, then each concurrency level with fresh prompts. `server_pid`: the engine's own
+    process, whose CPU time is not "other processes" in the busy-machine check."""
     level(prompts(1, args.prompt_len))
-    level(prompts(min(4, max(args.levels)), args.prompt_len))
+    if not args.quick:
+        level(prompts(min(4, max(args.levels)), args.prompt_len))
     out = []
     for n in args.levels:
         monitor = CpuMonitor().start()
-        r = level(prompts(n, args.prompt_len)) | {"cpu_usage": monitor.stop()}
+        before = process_cpu_s(server_pid) if server_pid else None
+        r = level(prompts(n, args.prompt_len))
+        usage = monitor.stop()
+        after = process_cpu_s(server_pid) if server_pid else None
+        if before is not None and after is not None and usage.get("wall_s"):
+            usage["server_cores"] = round((after - before) / usage["wall_s"], 2)
+            usage["other_cores"] = round(max(0.0, usage["other_cores"] - usage["server_cores"]), 2)
+        r["cpu_usage"] = usage
         print(f"  {n:>3} clients: {r['agg_tok_s']:8.1f} tok/s, TTFT mean {r['ttft_s']['mean']:.2f} s, "
               f"ITL {r['itl_ms_mean'] or 0:.1f} ms", flush=True)
         out.append(r)
@@ -315,8 +328,8 @@ def report(res: dict) -> str:
     by_level = {name: {r["clients"]: r for r in rows} for name, rows in results.items()}
     head = "| clients | " + " | ".join(names) + " |"
     sep = "|---:|" + "---:|" * len(names)
-    lines = [f"### Concurrency sweep — {Path(res['model']).name}, {cfg['prompt_len']}-token prompts, "
-             f"{cfg['gen_len']} tokens each, {mach['threads']} threads", "",
+    lines = [(f"### Concurrency sweep — {Path(res['model']).name}, {cfg['prompt_len']}-token prompts, "
+              f"{cfg['gen_len']} tokens each, {mach['threads']} threads"), "",
              "Aggregate generated tok/s (all clients, wall time incl. prefill):", "", head, sep]
     for n in cfg["levels"]:
         lines.append(f"| {n} | " + " | ".join(fmt(by_level[k].get(n, {}).get("agg_tok_s")) for k in names) + " |")
@@ -327,16 +340,17 @@ def report(res: dict) -> str:
             r = by_level[k].get(n)
             cells.append("—" if r is None else f"{fmt(r['ttft_s']['mean'], '.2f')} / {fmt(r['itl_ms_mean'])}")
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    lines += ["", "Notes: llama.cpp = llama-cpp-python's server, which serializes requests (one context behind "
-              "a lock; llama.cpp's C++ llama-server batches with n_parallel slots). transformers = one "
-              "left-padded static batch per level (TTFT = 1-token batch time; GGUF dequantized to "
-              f"{cfg['tf_dtype']}). mistralpy dtype {res.get('mistralpy_dtype', cfg['dtype'])}.",
+    lines += ["", ("Notes: llama.cpp = llama-cpp-python's server, which serializes requests (one context behind "
+                   "a lock; llama.cpp's C++ llama-server batches with n_parallel slots). transformers = one "
+                   "left-padded static batch per level (TTFT = 1-token batch time; GGUF dequantized to "
+                   f"{cfg['tf_dtype']}). mistralpy dtype {cfg.get('mistralpy_dtype', cfg['dtype'])}"
+                   f"{', compiled' if cfg['compile'] else ''}."),
               (f"Machine: {mach['cpu']} ({mach['cpu_family_model']}), {mach['usable_cpus']}/{mach['logical_cpus']} "
                f"CPUs usable, ISA {'+'.join(mach['isa']) or 'baseline'}, {mach['memory_gb']} GB RAM, load average "
                f"at start {mach['loadavg']}; torch {mach['torch']}, mistralpy {mach['mistralpy']} "
                f"({mach['mistralpy_commit']}).")]
     busy = [f"{k}@{r['clients']}: {r['cpu_usage']['other_cores']}" for k, rows in results.items() for r in rows
-            if r.get("cpu_usage", {}).get("other_cores", 0) > 0.2 and k not in ("server", "llama.cpp")]
+            if r.get("cpu_usage", {}).get("other_cores", 0) > 0.2]
     if busy:
         lines.append("Other processes used over 0.2 cores during: " + ", ".join(busy) + " (skewed).")
     return "\n".join(lines)

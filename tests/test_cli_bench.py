@@ -6,8 +6,8 @@ import json
 import math
 
 import pytest
-
 from fixtures_models import build_checkpoint
+
 from mistralpy.cli.main import main
 
 
@@ -65,3 +65,35 @@ def test_bench_given_bandwidth_and_bad_options(ckpt, tmp_path, capsys):
     assert "--gen-len" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "-m", str(ckpt), "--prompt-lens", "a,b"])
+
+
+def test_bench_concurrency_engine_sweep_json_table_and_plot(ckpt, tmp_path, capsys):
+    """benchmarks/bench_concurrency.py end to end with the in-process engine only (the servers and
+    transformers need seconds each to start): structure of the JSON, the tables, the PNG."""
+    import sys
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench_dir))
+    try:
+        import bench_concurrency
+    finally:
+        sys.path.remove(str(bench_dir))
+    out = tmp_path / "conc.json"
+    rc = bench_concurrency.main(["--model", str(ckpt), "--engines", "engine", "--levels", "1,3", "--prompt-len", "6",
+                                 "--gen-len", "3", "--threads", "1", "--dtype", "f32", "--output", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert res["benchmark"] == "bench_concurrency" and res["errors"] == {}
+    rows = res["results"]["engine"]
+    assert [r["clients"] for r in rows] == [1, 3]
+    for r in rows:
+        assert r["generated_tokens"] == 3 * r["clients"] and r["short_requests"] == 0
+        assert _positive(r["agg_tok_s"]) and _positive(r["ttft_s"]["mean"]) and _positive(r["itl_ms_mean"])
+        assert r["ttft_s"]["max"] >= r["ttft_s"]["p50"] > 0
+    assert res["config"]["mistralpy_dtype"] == "float32"
+    png = out.with_suffix(".png")
+    if png.exists():  # matplotlib is in the `bench` extra, not the test one
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "| clients | engine |" in printed and res["table_markdown"] in printed
