@@ -35,7 +35,7 @@ def test_bench_writes_prefill_decode_and_roofline(ckpt, tmp_path, capsys):
         assert r["gen_len"] == 4 and len(r["one_token_runs_s"]) == len(r["gen_len_runs_s"]) == 2
         assert _positive(r["tok_s"]["mean"]) and _positive(r["tok_s_of_means"])
     roof = res["roofline"]
-    assert roof["bandwidth_source"] == "measured" and _positive(roof["bandwidth_gb_s"])
+    assert roof["bandwidth_source"].startswith("measured") and _positive(roof["bandwidth_gb_s"])
     # f32 llama fixture with an untied head: every weight but the embedding table, 4 bytes each
     import torch
     from safetensors.torch import load_file

@@ -48,7 +48,7 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="prefill: prompt lengths in tokens, comma-separated (default: 128,512; empty: skip)")
     b.add_argument("--depths", type=_int_list, default=[0, 512],
                    help="decode: context depths in tokens already in the KV cache before decoding, "
-                        "comma-separated (default: 0,512; empty: skip)")
+                        "comma-separated; 0 decodes after a 1-token prompt (default: 0,512; empty: skip)")
     b.add_argument("--gen-len", type=int, default=64, help="tokens decoded per decode run (default: 64)")
     b.add_argument("--repeats", type=int, default=3, help="timed runs of each measurement (default: 3)")
     b.add_argument("--warmup", type=int, default=1, help="untimed warm-up rounds (default: 1)")
@@ -290,7 +290,10 @@ def bench_command(args: argparse.Namespace) -> int:
 
     t_start = time.perf_counter()
     if args.bandwidth_gbs is None:
-        bandwidth, source = in_thread(measure_bandwidth, args.bandwidth_gib), "measured"
+        # the memory the weights live in: the GPU's when the engine runs there
+        device = "cuda" if args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available()) \
+            else "cpu"
+        bandwidth, source = in_thread(measure_bandwidth, args.bandwidth_gib, device), f"measured on {device}"
     else:
         bandwidth, source = args.bandwidth_gbs, "given"
     print(f"memory read bandwidth: {bandwidth:.1f} GB/s ({source})", flush=True)
