@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
-from gguf import GGUFReader
 
 from mistralpy.errors import ModelLoadError
+from mistralpy.loading.gguf_file import GGUFFile
 from mistralpy.quant.gguf_dequant import SUPPORTED_TYPES
 from mistralpy.quant.gguf_tensor import GGUFTensor
 
@@ -105,17 +105,19 @@ def split_files(path: Path) -> list[Path]:
     return parts
 
 
-def open_readers(files: list[Path]) -> list[GGUFReader]:
+def open_readers(files: list[Path]) -> list[GGUFFile]:
     readers = []
     for f in files:
         try:
-            readers.append(GGUFReader(str(f)))
-        except Exception as exc:  # noqa: BLE001 - gguf raises plain ValueError/struct errors on bad files
+            readers.append(GGUFFile(f))
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a corrupt header raises struct/index errors
             raise ModelLoadError(f"cannot read GGUF file {f}: {exc}") from exc
     return readers
 
 
-def metadata(reader: GGUFReader) -> dict[str, Any]:
+def metadata(reader: GGUFFile) -> dict[str, Any]:
     """Every key-value field of the file as Python values (token arrays included)."""
     out: dict[str, Any] = {}
     for key, field in reader.fields.items():
@@ -180,7 +182,7 @@ def hf_config_from_gguf(meta: dict[str, Any], tensor_names: set[str]) -> dict[st
     return cfg
 
 
-def apply_rope_freq_factors(cfg: dict[str, Any], readers: list[GGUFReader]) -> None:
+def apply_rope_freq_factors(cfg: dict[str, Any], readers: list[GGUFFile]) -> None:
     """Llama 3.x files carry their rope scaling as a `rope_freqs` tensor of per-frequency divisors
     instead of parameters. Recover the llama3 parameters that produce exactly those divisors (the
     converter computed them from factor / low / high frequency factors / original context), so the
@@ -269,7 +271,7 @@ def _as_tensor(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(arr, copy=True))
 
 
-def iter_gguf_tensors(readers: list[GGUFReader], hf_config: dict[str, Any],
+def iter_gguf_tensors(readers: list[GGUFFile], hf_config: dict[str, Any],
                       arch: GGUFArch) -> Iterator[tuple[str, GGUFTensor]]:
     """Yield (our parameter name, GGUFTensor) for every tensor of the (split) file.
 

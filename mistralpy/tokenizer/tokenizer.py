@@ -278,13 +278,13 @@ class Tokenizer:
 
     @classmethod
     def from_gguf(cls, source: Any, *, chat_template_override: str | Path | None = None) -> Tokenizer:
-        """The tokenizer in a GGUF file's metadata; `source` is a path or a `gguf.GGUFReader`."""
+        """The tokenizer in a GGUF file's metadata; `source` is a path, a `GGUFFile` or a `gguf.GGUFReader`."""
         from mistralpy.tokenizer.gguf_tokenizer import tokenizer_from_gguf
 
         if isinstance(source, (str, Path)):
-            import gguf
+            from mistralpy.loading.gguf_loader import open_readers
 
-            source = gguf.GGUFReader(str(source))
+            source = open_readers([Path(source)])[0]
         return tokenizer_from_gguf(source, chat_template_override=chat_template_override)
 
     def _id_or_none(self, token: str | None) -> int | None:
