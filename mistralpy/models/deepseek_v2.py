@@ -41,6 +41,7 @@ from mistralpy.layers.moe import FusedExperts, split_all_fused_experts
 from mistralpy.layers.norm import RMSNorm
 from mistralpy.layers.rotary import get_rope, rope_params_from_config
 from mistralpy.models.base import CausalLM
+from mistralpy.models.llama import LlamaModel
 
 # HF builds q_a_layernorm / kv_a_layernorm with the default eps, not rms_norm_eps.
 _LATENT_NORM_EPS = 1e-6
@@ -259,23 +260,15 @@ class DeepseekV2DecoderLayer(nn.Module):
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
-class DeepseekV2Model(nn.Module):
+class DeepseekV2Model(LlamaModel):
+    """LlamaModel's forward over DeepSeek decoder layers (dense or MoE, chosen per layer)."""
+
     def __init__(self, cfg: dict[str, Any], backend: AttentionBackend, v3: bool) -> None:
-        super().__init__()
+        nn.Module.__init__(self)
         self.embed_tokens = VocabEmbedding(cfg["vocab_size"], cfg["hidden_size"])
         self.layers = nn.ModuleList(DeepseekV2DecoderLayer(cfg, i, backend, v3)
                                     for i in range(cfg["num_hidden_layers"]))
         self.norm = RMSNorm(cfg["hidden_size"], cfg.get("rms_norm_eps", 1e-6))
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], attn_metadata: Any) -> torch.Tensor:
-        return self.decode_layers(positions, self.embed_tokens(input_ids), kv_caches, attn_metadata)
-
-    def decode_layers(self, positions: torch.Tensor, hidden: torch.Tensor,
-                      kv_caches: list[tuple[torch.Tensor, torch.Tensor]], attn_metadata: Any) -> torch.Tensor:
-        for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden = layer(positions, hidden, kv_cache, attn_metadata)
-        return self.norm(hidden)
 
 
 class DeepseekV2ForCausalLM(CausalLM):
