@@ -19,7 +19,7 @@ from mistralpy.layers.linear import Linear, MergedLinear
 from mistralpy.layers.norm import RMSNorm
 from mistralpy.layers.rotary import RotaryEmbedding, get_rope, rope_params_from_config
 from mistralpy.models.base import CausalLM, cfg_get
-from mistralpy.models.llama import LlamaForCausalLM
+from mistralpy.models.llama import LlamaAttention, LlamaForCausalLM
 
 
 def gemma_rms_norm(dim: int, cfg: dict[str, Any]) -> RMSNorm:
@@ -59,14 +59,16 @@ class GemmaMLP(nn.Module):
         return self.down_proj(act_and_mul(self.gate_up_proj(x), self.act_fn))
 
 
-class GemmaAttention(nn.Module):
+class GemmaAttention(LlamaAttention):
+    """Llama's attention forward (inherited) with Gemma's projections, norms, scaling and rope."""
+
     # Family switches (Gemma 2 / 3 override them).
     use_query_pre_attn_scalar = False  # scale by query_pre_attn_scalar ** -0.5 instead of head_dim ** -0.5
     use_attn_softcap = False           # tanh soft-capping of the scores (attn_logit_softcapping)
     qk_norm = False                    # (1 + w) RMSNorm on each head of q and k before rope
 
     def __init__(self, cfg: dict[str, Any], layer_idx: int, layer_type: str, backend: AttentionBackend) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not LlamaAttention's: Gemma builds its own pieces
         hidden = cfg["hidden_size"]
         self.layer_type = layer_type
         self.num_heads = cfg["num_attention_heads"]
@@ -92,19 +94,6 @@ class GemmaAttention(nn.Module):
         base, scaling = rope_params_from_config(cfg)
         return get_rope(self.head_dim, self.head_dim, int(cfg.get("max_position_embeddings", 8192)), base, scaling,
                         torch.float32, max_model_len=cfg.get("max_model_len"))
-
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
-                attn_metadata: Any) -> torch.Tensor:
-        t = hidden.shape[0]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary_emb(positions, q, k)
-        out = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], attn_metadata, self.spec)
-        return self.o_proj(out.reshape(t, self.q_size))
 
 
 class GemmaDecoderLayer(nn.Module):
