@@ -1,5 +1,5 @@
 """`mistralpy` command line: `run` (one-shot or interactive chat), `serve` (OpenAI-compatible HTTP server),
-`quantize` (HF checkpoint -> GGUF)."""
+`quantize` (HF checkpoint -> GGUF), `bench` (prefill / decode speed with a roofline line)."""
 from __future__ import annotations
 
 import argparse
