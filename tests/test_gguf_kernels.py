@@ -10,6 +10,7 @@ from gguf import quants
 from mistralpy.quant import gguf_kernels as gk
 from mistralpy.quant.gguf_dequant import BLOCK_SIZES, SUPPORTED_TYPES, dequantize
 from mistralpy.quant.gguf_kernels import dequantize_kernel_weight, make_gguf_kernel
+from mistralpy.quant.gguf_kernels_cpu import CpuQMatmulKernel
 from tests.test_gguf_dequant import _random_raw
 
 CPU = torch.device("cpu")
@@ -81,6 +82,12 @@ def test_memory_stays_quantized(qtype):
     held, raw_bytes = kern.nbytes(), raw.nbytes
     if qtype in (Q.F32, Q.F16, Q.BF16):
         assert held == n * k * 2
+        return
+    if isinstance(kern, CpuQMatmulKernel):
+        # u (4 or 8 bits) + a scale and offset (f16 where exact, else f32) per group of 32.
+        bits8, f32 = kern.fmt & 2, kern.fmt & 1
+        assert held == n * k * ((1 if bits8 else 0.5) + (8 if f32 else 4) / 32)
+        assert held < 0.7 * n * k * 2
         return
     # The int4 planes: 0.5 byte a weight for 4-bit types, 1 for the split / padded ones, plus a bf16
     # scale and zero per group of 32 plane values.
@@ -169,7 +176,7 @@ def test_fast_extension_matches_the_plane_index(qtype):
     rng = np.random.default_rng(6)
     k = 512
     raw = torch.from_numpy(_random_raw(qtype, 64, k, rng).copy())
-    kern = make_gguf_kernel(raw, qtype, 64, k, dtype=torch.bfloat16, device=CPU)
+    kern = gk.Int4PlaneKernel.from_gguf(raw, qtype, 64, k, torch.bfloat16)
     planes = encode_planes(raw, qtype, k)
     x = torch.randn(3, k).bfloat16()
     want = x if planes.idx is None else torch.nn.functional.pad(x, (0, 1))[:, planes.idx.long()]

@@ -56,7 +56,9 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
 
 from mistralpy.layers.matmul import can_prepack, linear, prepack
+from mistralpy.quant import gguf_kernels_cpu
 from mistralpy.quant.gguf_dequant import BLOCK_SIZES, dequantize
+from mistralpy.quant.gguf_kernels_cpu import CPU_EXT_TYPES, CpuQMatmulKernel
 from mistralpy.quant.gguf_kernels_encode import GROUP, PLANE_TYPES, Planes, encode_planes
 
 __all__ = ["GGUFKernel", "Int4PlaneKernel", "chunk_rows", "dequantize_kernel_weight", "make_gguf_kernel"]
@@ -248,6 +250,12 @@ def _int4_ok(qtype: Q, in_features: int, dtype: torch.dtype, device: torch.devic
             and in_features % GROUP == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
 
 
+def _cpu_ext_ok(qtype: Q, in_features: int, dtype: torch.dtype, device: torch.device) -> bool:
+    # bf16 only: the int8 activations err like bf16 rounding does, not within float32's tolerance.
+    return (device.type == "cpu" and dtype == torch.bfloat16 and qtype in CPU_EXT_TYPES
+            and in_features % GROUP == 0 and gguf_kernels_cpu.fast())
+
+
 def make_gguf_kernel(raw: torch.Tensor, qtype: Q, out_features: int, in_features: int, *,
                      dtype: torch.dtype, device: torch.device) -> GGUFKernel:
     """A matmul over raw GGUF rows: raw uint8 [out_features, row_bytes] -> kernel(x [M, in]) -> [M, out]."""
@@ -261,6 +269,8 @@ def make_gguf_kernel(raw: torch.Tensor, qtype: Q, out_features: int, in_features
     raw = raw.reshape(out_features, -1)
     if qtype in _FLOAT_TYPES:
         return FloatKernel(raw, qtype, out_features, in_features, dtype, device)
+    if _cpu_ext_ok(qtype, in_features, dtype, device):
+        return CpuQMatmulKernel(raw.cpu(), qtype, out_features, in_features, dtype)
     if _int4_ok(qtype, in_features, dtype, device):
         try:
             return Int4PlaneKernel.from_gguf(raw.cpu(), qtype, out_features, in_features, dtype)

@@ -1,0 +1,138 @@
+"""The CPU quantized-matmul extension (``qmatmul.cpp``): built on first use, cached per machine.
+
+``load()`` compiles ``qmatmul.cpp`` once with the system ``g++`` (``-O3 -march=native -fopenmp``,
+torch's headers and libraries; no ninja or setuptools needed; ~20-30 s on a 2-core machine) into
+``$MISTRALPY_CACHE/cpu_ext`` (default ``~/.cache/mistralpy/cpu_ext``) and loads it with
+``torch.ops.load_library``. The file name carries a hash of the source, the flags, the torch and
+Python versions and this CPU's ISA flags, so an edit, an upgrade or another CPU builds a new copy
+instead of loading a stale or illegal one; a build goes to a temporary name and is renamed into
+place, so concurrent processes never load a half-written library. When anything fails (no
+compiler, a build error) it logs one warning and returns False: callers keep torch's kernels.
+``MISTRALPY_CPU_EXT=0`` disables it.
+
+Registers ``torch.ops.mistralpy_cpu.qmm(x [M, K], w uint8, fmt, n) -> y [M, n]`` (weight formats:
+``qmatmul.cpp``'s header) with a fake implementation, so torch.compile traces it as one op, and
+``torch.ops.mistralpy_cpu.isa`` (which SIMD path the build took).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_SRC = Path(__file__).with_name("qmatmul.cpp")
+_lock = threading.Lock()
+_state: dict[str, bool] = {}
+NAMESPACE = "mistralpy_cpu"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MISTRALPY_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mistralpy")
+    return Path(root) / "cpu_ext"
+
+
+def _flags(namespace: str, march: str) -> list[str]:
+    return ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", f"-march={march}", f"-DQMM_NS={namespace}",
+            f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+
+
+def library_path(namespace: str = NAMESPACE, march: str = "native") -> Path:
+    h = hashlib.sha256()
+    for part in (_SRC.read_bytes(), " ".join(_flags(namespace, march)).encode(), torch.__version__.encode(),
+                 _cpu_flags().encode(), sys.version.encode()):
+        h.update(part)
+    return cache_dir() / f"{namespace}_{h.hexdigest()[:16]}.so"
+
+
+def build(namespace: str = NAMESPACE, march: str = "native") -> Path:
+    """Compile (if not cached) and return the shared library for `namespace` (`march`: g++ -march)."""
+    from torch.utils import cpp_extension
+
+    out = library_path(namespace, march)
+    if out.exists():
+        return out
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (g++) found")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = [cxx, *_flags(namespace, march), *(f"-I{p}" for p in cpp_extension.include_paths()), str(_SRC),
+           "-o", tmp, *(f"-L{p}" for p in cpp_extension.library_paths()),
+           *(f"-Wl,-rpath,{p}" for p in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu", "-ltorch"]
+    log.info("building the CPU quantized-matmul extension (once per machine, ~30 s) ...")
+    try:
+        res = subprocess.run(cmd, check=False, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"g++ failed: {res.stderr.strip()[-2000:]}")
+        os.replace(tmp, out)
+        for stale in out.parent.glob(f"{namespace}_*.so"):   # builds of older sources / torch versions
+            if stale != out:
+                stale.unlink(missing_ok=True)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _register_fake(namespace: str) -> None:
+    @torch.library.register_fake(f"{namespace}::qmm")
+    def _(x, w, fmt, n):
+        return x.new_empty(x.shape[0], n)
+
+
+def load_namespace(namespace: str, march: str) -> None:
+    """Build and load one variant (tests load a portable ``-march=x86-64`` one beside the native one)."""
+    torch.ops.load_library(str(build(namespace, march)))
+    _register_fake(namespace)
+
+
+def load() -> bool:
+    """Build or load the extension once per process; True when ``torch.ops.mistralpy_cpu.qmm`` exists."""
+    if "ok" in _state:
+        return _state["ok"]
+    with _lock:
+        if "ok" not in _state:
+            ok = False
+            if os.environ.get("MISTRALPY_CPU_EXT", "1") == "0":
+                log.info("CPU quantized-matmul extension disabled by MISTRALPY_CPU_EXT=0")
+            elif platform.machine() not in ("x86_64", "AMD64"):
+                log.info("CPU quantized-matmul extension: x86-64 only, using torch kernels")
+            else:
+                try:
+                    load_namespace(NAMESPACE, "native")
+                    ok = True
+                    log.info("CPU quantized-matmul extension loaded (%s)", isa())
+                except Exception as exc:  # noqa: BLE001  (any build/load failure: torch's kernels stay in use)
+                    msg = str(exc).strip().splitlines()
+                    log.warning("CPU quantized-matmul extension unavailable, using torch kernels: %s",
+                                msg[-1] if msg else type(exc).__name__)
+            _state["ok"] = ok
+    return _state["ok"]
+
+
+def isa(namespace: str = NAMESPACE) -> str:
+    """The SIMD path the build took: avx512vnni or scalar."""
+    op = getattr(torch.ops, namespace).isa
+    return bytes(op(torch.empty(0)).tolist()).decode()

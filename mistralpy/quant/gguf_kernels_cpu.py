@@ -1,0 +1,188 @@
+"""CPU matmuls over GGUF blocks with int8 activations (the ``cpu_ext`` C++ extension), llama.cpp style.
+
+Every GGUF type whose blocks split into 32-value groups with one scale and offset each is held,
+*exactly*, as ``w = u * d + m`` per group of 32 with ``u`` unsigned (4 bits for Q4_0 / Q4_1 / Q4_K,
+8 bits for Q5_0 / Q5_1 / Q5_K / Q8_0 / IQ4_NL / IQ4_XS) and (d, m) in f16 where that is exact
+(Q4_1 keeps its file bytes), else f32 (the K-quants' d * scale products). Signed types store
+``u = q + 128`` (or + 8, + 16) with the offset folded into m. Q2_K, Q3_K, Q6_K (16-value
+sub-blocks) and Q8_K (an f32 scale: q + 128 times it would round) are not covered: they stay on
+``gguf_kernels.Int4PlaneKernel``.
+
+The product quantizes each activation row to int8 blocks of 32 once per call (llama.cpp's q8_1:
+scale amax / 127, round to nearest) and sums integer dot products per block (AVX512-VNNI
+``vpdpbusd`` on this machine; AVX2 and scalar builds exist), parallel over output rows. Against
+dequantize + float32 matmul the error is that of the int8 activations, ~2-4e-3 of max |y| (what
+llama.cpp's CPU backend computes too), so it is used for bfloat16 compute only, whose own
+rounding is of that size; float32 keeps the exact paths. Prefill-sized inputs take the same
+kernel: it beats expanding the weight for oneDNN at every row count measured (64-512 rows: 1.3-8x).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as Q
+
+from mistralpy.quant.gguf_dequant import IQ4NL_VALUES, _bits, _f16, _k_scale_min, _nibbles, _q5_high
+
+__all__ = ["CPU_EXT_TYPES", "CpuQMatmulKernel", "available", "encode_affine", "fast"]
+
+log = logging.getLogger(__name__)
+
+GROUP = 32
+_FOUR_BIT = frozenset({Q.Q4_0, Q.Q4_1, Q.Q4_K})
+_CHUNK_ELEMS = 1 << 22
+
+
+def _iq4(nib: torch.Tensor) -> torch.Tensor:
+    table = torch.tensor(IQ4NL_VALUES, dtype=torch.int16, device=nib.device) + 128
+    return table[nib.long()].to(torch.uint8)
+
+
+def _aff(u: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return u.reshape(-1, GROUP).to(torch.uint8), d.reshape(-1), m.reshape(-1)
+
+
+def _enc(b: torch.Tensor, qtype: Q) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Blocks [n, type_size] -> u uint8 [G, 32], d f32 [G], m f32 [G] with w = u * d + m exactly."""
+    n = b.shape[0]
+    if qtype == Q.Q4_0:
+        d = _f16(b[:, :2])
+        return _aff(_nibbles(b[:, 2:], 16), d, -8 * d)
+    if qtype == Q.Q4_1:
+        return _aff(_nibbles(b[:, 4:], 16), _f16(b[:, :2]), _f16(b[:, 2:4]))
+    if qtype == Q.Q5_0:
+        d = _f16(b[:, :2])
+        return _aff(_nibbles(b[:, 6:], 16) | (_q5_high(b[:, 2:6]) << 4), d, -16 * d)
+    if qtype == Q.Q5_1:
+        return _aff(_nibbles(b[:, 8:], 16) | (_q5_high(b[:, 4:8]) << 4), _f16(b[:, :2]), _f16(b[:, 2:4]))
+    if qtype == Q.Q8_0:
+        d = _f16(b[:, :2])
+        return _aff(b[:, 2:].contiguous().view(torch.int8).to(torch.int16) + 128, d, -128 * d)
+    if qtype == Q.IQ4_NL:
+        d = _f16(b[:, :2])
+        return _aff(_iq4(_nibbles(b[:, 2:], 16)), d, -128 * d)
+    if qtype == Q.IQ4_XS:
+        d = _f16(b[:, :2])
+        lo = torch.stack((b[:, 4:8] & 0x0F, b[:, 4:8] >> 4), dim=-1).reshape(n, 8)
+        hi = _bits(b[:, 2:4], 2, 1).reshape(n, 8)
+        dl = d * ((lo | (hi << 4)).to(torch.int8) - 32).to(torch.float32)
+        return _aff(_iq4(_nibbles(b[:, 8:], 16)), dl, -128 * dl)
+    if qtype in (Q.Q4_K, Q.Q5_K):
+        d, dmin = _f16(b[:, :2]), _f16(b[:, 2:4])
+        sc, mn = _k_scale_min(b[:, 4:16])
+        dl, ml = d * sc.to(torch.float32), dmin * mn.to(torch.float32)
+        if qtype == Q.Q4_K:
+            u = _nibbles(b[:, 16:], 32)
+        else:
+            u = _nibbles(b[:, 48:], 32) | (_bits(b[:, 16:48], 1, 32) << 4)
+        return _aff(u, dl, -ml)
+    raise NotImplementedError(qtype.name)
+
+
+CPU_EXT_TYPES: frozenset[Q] = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.IQ4_NL, Q.IQ4_XS, Q.Q4_K,
+                                         Q.Q5_K})
+
+
+def _exact_f16(t: torch.Tensor) -> bool:
+    h = t.to(torch.float16)
+    return bool(torch.isfinite(h).all()) and torch.equal(h.to(torch.float32), t)
+
+
+_TILE = 16
+
+
+def _tile_bytes(fmt: int) -> int:
+    """Bytes of one tile-block (16 rows x 32 values) of a tiled format (see qmatmul.cpp)."""
+    sb = 4 if fmt & 1 else 2
+    return 2 * 16 * sb + (512 if fmt & 2 else 256)
+
+
+def encode_affine(raw: torch.Tensor, qtype: Q, out_features: int, in_features: int) -> tuple[torch.Tensor, int]:
+    """raw uint8 [N, row_bytes] GGUF rows -> (tiled uint8 [ceil(N / 16), K / 32, tile_bytes], fmt) for
+    ``qmm``: fmt = 4 + 2 * (8-bit values) + (f32 scales)."""
+    from mistralpy.quant.gguf_dequant import BLOCK_SIZES
+
+    ts = BLOCK_SIZES[qtype][1]
+    u, d, m = _enc(raw.reshape(-1, ts), qtype)
+    bits8 = qtype not in _FOUR_BIT
+    f16 = _exact_f16(d) and _exact_f16(m)
+    sdt = torch.float16 if f16 else torch.float32
+    nb = in_features // GROUP
+    tiles = -(-out_features // _TILE)
+    pad = tiles * _TILE - out_features
+    u = F.pad(u.reshape(out_features, nb * GROUP), (0, 0, 0, pad)).reshape(tiles, _TILE, nb, 8, 4)
+    u = u.permute(0, 2, 3, 1, 4)                                   # [T, nb, quad, row, 4]
+    if not bits8:
+        u = u[:, :, :4] | (u[:, :, 4:] << 4)
+    sc = [F.pad(v.reshape(out_features, nb), (0, 0, 0, pad)).reshape(tiles, _TILE, nb).transpose(1, 2)
+          .to(sdt).contiguous().view(torch.uint8) for v in (d, m)]  # [T, nb, 16 * sb]
+    packed = torch.cat((*sc, u.reshape(tiles, nb, -1)), dim=2).contiguous()
+    return packed, 4 + 2 * bits8 + (not f16)
+
+
+_state: dict[str, bool] = {}
+
+
+def available() -> bool:
+    """True when the C++ extension is built and loaded (built on the first call)."""
+    if "ok" not in _state:
+        from mistralpy.quant import cpu_ext
+        _state["ok"] = cpu_ext.load()
+    return _state["ok"]
+
+
+def fast() -> bool:
+    """True when the extension is loaded *and* took its AVX512-VNNI path (the only one faster than
+    torch's int4 kernel; the portable build exists for tests and other CPUs' correctness)."""
+    if "fast" not in _state:
+        from mistralpy.quant import cpu_ext
+        _state["fast"] = available() and cpu_ext.isa() == "avx512vnni"
+        if available() and not _state["fast"]:
+            log.info("CPU quantized-matmul extension built without AVX512-VNNI: using torch's int4 kernels")
+    return _state["fast"]
+
+
+class CpuQMatmulKernel:
+    """bfloat16 (or float32 on request) CPU matmul over the affine int blocks via ``mistralpy_cpu::qmm``."""
+
+    def __init__(self, raw: torch.Tensor, qtype: Q, out_features: int, in_features: int, dtype: torch.dtype):
+        self.qtype, self.out_features, self.in_features, self.dtype = qtype, out_features, in_features, dtype
+        self.packed, self.fmt = encode_affine(raw, qtype, out_features, in_features)
+        self._op = torch.ops.mistralpy_cpu.qmm.default
+
+    def nbytes(self) -> int:
+        return self.packed.numel()
+
+    def expand(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows [start, stop) of W [rows, K] in `dtype` (exact in float32)."""
+        t0, t1 = start // _TILE, -(-stop // _TILE)
+        blk = self.packed[t0:t1]                                        # [T, nb, tile_bytes]
+        tiles, nb = blk.shape[0], blk.shape[1]
+        sdt, sb = (torch.float32, 64) if self.fmt & 1 else (torch.float16, 32)
+        d = blk[..., :sb].contiguous().view(sdt).float().transpose(1, 2)   # [T, 16, nb]
+        m = blk[..., sb:2 * sb].contiguous().view(sdt).float().transpose(1, 2)
+        q = blk[..., 2 * sb:]
+        if self.fmt & 2:
+            q = q.reshape(tiles, nb, 8, _TILE, 4)
+        else:
+            q = q.reshape(tiles, nb, 4, _TILE, 4)
+            q = torch.cat((q & 0x0F, q >> 4), dim=2)
+        q = q.permute(0, 3, 1, 2, 4).reshape(tiles, _TILE, nb, GROUP)
+        w = q.to(torch.float32).mul_(d.unsqueeze(-1)).add_(m.unsqueeze(-1))
+        w = w.reshape(tiles * _TILE, self.in_features)[start - t0 * _TILE:stop - t0 * _TILE]
+        return w.to(dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.dtype == self.dtype and x.is_contiguous():   # the common decode call
+            return self._op(x, self.packed, self.fmt, self.out_features)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).to(self.dtype).contiguous()
+        y = self._op(x2, self.packed, self.fmt, self.out_features)
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def dequantized(self) -> torch.Tensor:
+        step = max(_TILE, _CHUNK_ELEMS // self.in_features // _TILE * _TILE)
+        return torch.cat([self.expand(s, min(s + step, self.out_features))
+                          for s in range(0, self.out_features, step)])
