@@ -72,7 +72,7 @@ def bench(engine, batch: int, max_tokens: int, rng: random.Random, repeats: int)
             valid += 1
         except ValueError:
             pass
-        free = [SamplingParams(temperature=0.8, seed=s, max_tokens=c, min_tokens=c, ignore_eos=True)
+        free = [SamplingParams(temperature=0.8, seed=s, max_tokens=c, ignore_eos=True)
                 for s, c in zip(seeds, counts)]
         t_free, free_counts = run(engine, prompts(batch, rng), free)
         assert free_counts == counts
