@@ -9,11 +9,14 @@ Each choice then parses its output with :meth:`ChatSpec.message` (whole text) or
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from mistralpy.errors import InvalidRequestError
+
+log = logging.getLogger(__name__)
 
 # The format used for tool_choice required / named when the model's own format is unknown:
 # self-delimiting JSON inside <tool_call> tags, which any model can be constrained to write.
@@ -29,6 +32,8 @@ class ChatSpec:
     grammar: dict[str, Any] | None = None  # SamplingParams.grammar forcing a tool call (required / named)
     reasoning_parser: str | None = None
     starts_in_reasoning: bool = False  # the prompt already opened the reasoning block
+    strict_forced: str | None = None  # "auto" with strict tools: the format's forcing grammar (note_prompt)
+    marker_tokens: Mapping[str, int] | None = None
 
     @property
     def plain(self) -> bool:
@@ -38,10 +43,23 @@ class ChatSpec:
     def note_prompt(self, prompt_text: str) -> None:
         """Remember whether the rendered prompt already opened the reasoning block (DeepSeek-R1 and
         Qwen3 templates may end the generation prompt with ``<think>``)."""
+        reasoning = None
         if self.reasoning_parser is not None:
             from mistralpy.tools import get_reasoning_parser
 
-            self.starts_in_reasoning = get_reasoning_parser(self.reasoning_parser).prompt_opens_reasoning(prompt_text)
+            parser = get_reasoning_parser(self.reasoning_parser)
+            self.starts_in_reasoning = parser.prompt_opens_reasoning(prompt_text)
+            reasoning = (parser.start, parser.end)
+        if self.strict_forced is not None:
+            from mistralpy.tools.strict import strict_auto_grammar
+
+            text = strict_auto_grammar(self.strict_forced, reasoning, self.starts_in_reasoning,
+                                       self.marker_tokens or {})
+            if text is None:
+                log.warning("strict tools: the %s format's calls do not open with a marker token, so "
+                            "tool_choice 'auto' cannot constrain them; arguments are not enforced", self.tool_parser)
+            else:
+                self.grammar = {"type": "lark", "value": text}
 
     def stream(self) -> ChoiceStream:
         return ChoiceStream(self)
@@ -151,6 +169,13 @@ def chat_spec(*, tools: Any, tool_choice: Any, tool_parser: str | None, reasonin
     spec.tools = _check_tools(tools)
     if tool_choice in (None, "auto"):
         spec.tool_parser = tool_parser
+        strict = any(t["function"].get("strict") is True for t in spec.tools)
+        if strict and tool_parser is not None and not constrained:
+            from mistralpy.tools import get_tool_parser
+
+            _, spec.strict_forced = get_tool_parser(tool_parser).grammar(spec.tools, "required", special_tokens,
+                                                                         parallel=parallel_tool_calls)
+            spec.marker_tokens = special_tokens
     elif tool_choice == "none":
         pass  # the model sees the tools but is not asked to call one: its text stays content
     elif tool_choice == "required" or isinstance(tool_choice, dict):
