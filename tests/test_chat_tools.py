@@ -156,6 +156,31 @@ def test_tool_callbacks_run_and_continue(served, monkeypatch):
     assert res["usage"]["completion_tokens"] > 0
 
 
+def test_async_tool_callbacks(served):
+    """AsyncEngine.chat runs the tool rounds off the event loop, whole and streamed."""
+    import asyncio
+
+    name, engine, _ = served
+    calls: list[dict] = []
+
+    def search(q: str):
+        calls.append({"q": q})
+        return "nothing"
+
+    kw = dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "search"}}, temperature=1.0,
+              seed=2, max_tokens=40, tool_callbacks={"search": search}, max_tool_rounds=1)
+
+    async def run():
+        whole = await engine.chat(ASK, **kw)
+        chunks = [c async for c in await engine.chat(ASK, stream=True, **kw)]
+        return whole, chunks
+
+    whole, chunks = asyncio.run(run())
+    assert whole["tool_rounds"] == 1 and len(calls) == 2
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert finishes[0] == "tool_calls" and len(finishes) == 2  # the call round, then the answer round
+
+
 def test_reasoning_split(served):
     name, engine, _ = served
     if MODELS[name][3] is None:

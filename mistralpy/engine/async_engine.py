@@ -92,8 +92,22 @@ class AsyncEngine:
                    chat_template_kwargs: dict[str, Any] | None = None, enable_thinking: bool | None = None,
                    reasoning_effort: str | None = None, sampling_params: SamplingParams | None = None,
                    stream_options: dict[str, Any] | None = None, parallel_tool_calls: bool = True,
+                   tool_callbacks: dict[str, Any] | None = None, max_tool_rounds: int = 8,
                    **sampling: Any) -> OpenAIObject | AsyncIterator[OpenAIObject]:
-        """Awaitable chat completion; with stream=True, an async iterator of chunks (see Engine.chat)."""
+        """Awaitable chat completion; with stream=True, an async iterator of chunks (see Engine.chat).
+
+        With ``tool_callbacks`` the rounds run Engine.chat's tool loop on a worker thread (the tools
+        are plain callables that may block), so the event loop stays free."""
+        if tool_callbacks:
+            call = lambda: self.engine.chat(  # one call, two ways to run it
+                messages, stream=stream, tools=tools, tool_choice=tool_choice,
+                add_generation_prompt=add_generation_prompt, chat_template_kwargs=chat_template_kwargs,
+                enable_thinking=enable_thinking, reasoning_effort=reasoning_effort, sampling_params=sampling_params,
+                stream_options=stream_options, parallel_tool_calls=parallel_tool_calls,
+                tool_callbacks=tool_callbacks, max_tool_rounds=max_tool_rounds, **sampling)
+            if not stream:
+                return await asyncio.to_thread(call)
+            return _iterate_in_thread(await asyncio.to_thread(call))
         params = sampling_from_kwargs(sampling, sampling_params)
         text, params, spec = self.engine.prepare_chat(
             messages, params, tools=tools, tool_choice=tool_choice, add_generation_prompt=add_generation_prompt,
@@ -180,3 +194,15 @@ class AsyncEngine:
             "kv_usage": 1.0 - pool.num_free / pool.num_blocks,
             "prefix_queries": pool.prefix_queries, "prefix_hits": pool.prefix_hits,
         }
+
+
+async def _iterate_in_thread(it: Any) -> AsyncIterator[Any]:
+    """A blocking iterator as an async one: each next() runs on a worker thread."""
+    done = object()
+    try:
+        while (item := await asyncio.to_thread(next, it, done)) is not done:
+            yield item
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            await asyncio.to_thread(close)
