@@ -4,9 +4,11 @@ Two tables:
 1. Per block type, one 1536x576 weight (and 576x1536 for 32-block types; K-quants use 1536x512):
    ms per call and effective GB/s of the bytes the kernel holds, for M = 1, 16, 256.
 2. A SmolLM2-135M-shaped token (30 layers of q/k/v/o/gate/up/down, all Q4_1, plus a Q8_0 49152x576
-   head) at M = 1: ms for all matmuls, beside a oneDNN-prepacked bf16 pass over the same shapes.
+   head) at M = 1: ms for all matmuls, beside torch's int4 plane kernels (what bf16 used before the
+   C++ extension) and a oneDNN-prepacked bf16 pass over the same shapes, alternating in one process.
 
 Run: python benchmarks/bench_gguf_kernels.py [--dtype bf16|f32] [--types Q4_1,Q8_0] [--quick]
+``--int4`` runs table 1 on torch's int4 plane kernels instead of the C++ extension (A/B).
 """
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ from gguf import GGMLQuantizationType as Q
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mistralpy.layers.matmul import linear, prepack  # noqa: E402
+from mistralpy.quant import gguf_kernels_cpu  # noqa: E402
 from mistralpy.quant.gguf_dequant import BLOCK_SIZES  # noqa: E402
-from mistralpy.quant.gguf_kernels import make_gguf_kernel  # noqa: E402
+from mistralpy.quant.gguf_kernels import Int4PlaneKernel, make_gguf_kernel  # noqa: E402
 
 log = logging.getLogger("bench_gguf_kernels")
 
@@ -95,8 +98,11 @@ def smollm2_token(dtype: torch.dtype, fused: bool) -> dict:
     layer = [(960, 576), (576, 576), (3072, 576), (576, 1536)] if fused else SMOL
     kerns = [make_gguf_kernel(random_raw(Q.Q4_1, n, k, rng), Q.Q4_1, n, k, dtype=dtype, device=torch.device("cpu"))
              for n, k in layer] * 30
-    head = make_gguf_kernel(random_raw(Q.Q8_0, 49152, 576, rng), Q.Q8_0, 49152, 576, dtype=dtype,
-                            device=torch.device("cpu"))
+    head_raw = random_raw(Q.Q8_0, 49152, 576, rng)
+    head = make_gguf_kernel(head_raw, Q.Q8_0, 49152, 576, dtype=dtype, device=torch.device("cpu"))
+    rng = np.random.default_rng(1)
+    planes = [Int4PlaneKernel.from_gguf(random_raw(Q.Q4_1, n, k, rng), Q.Q4_1, n, k, dtype) for n, k in layer] * 30
+    planes_head = Int4PlaneKernel.from_gguf(head_raw, Q.Q8_0, 49152, 576, dtype)
     dense = [prepack(torch.randn(n, k).to(dtype)) for n, k in layer] * 30
     dense_head = prepack(torch.randn(49152, 576).to(dtype))
     xs = {k: torch.randn(1, k).to(dtype) for k in (576, 1536)}
@@ -105,20 +111,32 @@ def smollm2_token(dtype: torch.dtype, fused: bool) -> dict:
         for kern in kerns:
             kern(xs[kern.in_features])
 
+    def run_p() -> None:
+        for kern in planes:
+            kern(xs[kern.in_features])
+
     def run_d() -> None:
         for w, (n, k) in zip(dense, layer * 30):
             linear(xs[k], w)
 
     t_layers, t_head = timeit(run_q, 1.0, 10), timeit(lambda: head(xs[576]), 0.5, 10)
+    p_layers, p_head = timeit(run_p, 1.0, 10), timeit(lambda: planes_head(xs[576]), 0.5, 10)
     d_layers, d_head = timeit(run_d, 1.0, 10), timeit(lambda: linear(xs[576], dense_head), 0.5, 10)
+    # Second round, reversed order: the machine is shared, keep the best of each.
+    p_layers, p_head = min(p_layers, timeit(run_p, 1.0, 10)), min(p_head, timeit(lambda: planes_head(xs[576]), 0.5, 10))
+    t_layers, t_head = min(t_layers, timeit(run_q, 1.0, 10)), min(t_head, timeit(lambda: head(xs[576]), 0.5, 10))
     held = sum(k.nbytes() for k in kerns) + head.nbytes()
     print(f"\nSmolLM2-135M token, M=1, {dtype}, {'fused qkv/gate-up' if fused else 'separate'} projections:")
     print("| path | 30 layers ms | head ms | total ms | MB held |\n|---|---|---|---|---|")
-    print(f"| GGUF kernels (Q4_1 + Q8_0 head) | {t_layers * 1e3:.2f} | {t_head * 1e3:.2f} | "
-          f"{(t_layers + t_head) * 1e3:.2f} | {held / 1e6:.1f} |")
+    print(f"| GGUF kernels (Q4_1 + Q8_0 head; {type(head).__name__}) | {t_layers * 1e3:.2f} | "
+          f"{t_head * 1e3:.2f} | {(t_layers + t_head) * 1e3:.2f} | {held / 1e6:.1f} |")
+    p_held = sum(k.nbytes() for k in planes) + planes_head.nbytes()
+    print(f"| torch int4 planes (Int4PlaneKernel) | {p_layers * 1e3:.2f} | {p_head * 1e3:.2f} | "
+          f"{(p_layers + p_head) * 1e3:.2f} | {p_held / 1e6:.1f} |")
     print(f"| {dtype} oneDNN prepacked | {d_layers * 1e3:.2f} | {d_head * 1e3:.2f} | "
           f"{(d_layers + d_head) * 1e3:.2f} | {(sum(n * k for n, k in layer) * 30 + 49152 * 576) * 2 / 1e6:.1f} |")
-    return {"fused": fused, "gguf_layers_ms": t_layers * 1e3, "gguf_head_ms": t_head * 1e3,
+    return {"fused": fused, "kernel": type(head).__name__, "gguf_layers_ms": t_layers * 1e3,
+            "gguf_head_ms": t_head * 1e3, "int4_layers_ms": p_layers * 1e3, "int4_head_ms": p_head * 1e3,
             "dense_layers_ms": d_layers * 1e3, "dense_head_ms": d_head * 1e3, "gguf_bytes_held": held}
 
 
@@ -131,9 +149,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one shape per type")
     ap.add_argument("--skip-token", action="store_true")
     ap.add_argument("--json", default="", help="also write the results to this JSON file")
+    ap.add_argument("--int4", action="store_true", help="table 1 on torch's int4 kernels, not the C++ extension")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO)
     torch.set_num_threads(args.threads)
+    if args.int4:
+        gguf_kernels_cpu._state.update(ok=False, fast=False)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     types = [Q[t] for t in args.types.split(",")] if args.types else TYPES
     out = {"dtype": args.dtype, "threads": args.threads,

@@ -84,9 +84,9 @@ def test_memory_stays_quantized(qtype):
         assert held == n * k * 2
         return
     if isinstance(kern, CpuQMatmulKernel):
-        # u (4 or 8 bits) + a scale and offset (f16 where exact, else f32) per group of 32.
-        bits8, f32 = kern.fmt & 2, kern.fmt & 1
-        assert held == n * k * ((1 if bits8 else 0.5) + (8 if f32 else 4) / 32)
+        # u (4, 5 or 8 bits) + a scale and offset (f16 where exact, else f32) per group of 32.
+        bits, f32 = {4: 4, 6: 8, 8: 5}[kern.fmt & ~1], kern.fmt & 1
+        assert held == n * k * (bits / 8 + (8 if f32 else 4) / 32)
         assert held < 0.7 * n * k * 2
         return
     # The int4 planes: 0.5 byte a weight for 4-bit types, 1 for the split / padded ones, plus a bf16

@@ -2,7 +2,7 @@
 
 Every GGUF type whose blocks split into 32-value groups with one scale and offset each is held,
 *exactly*, as ``w = u * d + m`` per group of 32 with ``u`` unsigned (4 bits for Q4_0 / Q4_1 / Q4_K,
-8 bits for Q5_0 / Q5_1 / Q5_K / Q8_0 / IQ4_NL / IQ4_XS) and (d, m) in f16 where that is exact
+5 for Q5_0 / Q5_1 / Q5_K, 8 for Q8_0 / IQ4_NL / IQ4_XS) and (d, m) in f16 where that is exact
 (Q4_1 keeps its file bytes), else f32 (the K-quants' d * scale products). Signed types store
 ``u = q + 128`` (or + 8, + 16) with the offset folded into m. Q2_K, Q3_K, Q6_K (16-value
 sub-blocks) and Q8_K (an f32 scale: q + 128 times it would round) are not covered: they stay on
@@ -93,20 +93,21 @@ def _exact_f16(t: torch.Tensor) -> bool:
 _TILE = 16
 
 
-def _tile_bytes(fmt: int) -> int:
-    """Bytes of one tile-block (16 rows x 32 values) of a tiled format (see qmatmul.cpp)."""
-    sb = 4 if fmt & 1 else 2
-    return 2 * 16 * sb + (512 if fmt & 2 else 256)
+_FIVE_BIT = frozenset({Q.Q5_0, Q.Q5_1, Q.Q5_K})
+
+
+def _bits_of(fmt: int) -> int:
+    return {4: 4, 6: 8, 8: 5}[fmt & ~1]
 
 
 def encode_affine(raw: torch.Tensor, qtype: Q, out_features: int, in_features: int) -> tuple[torch.Tensor, int]:
     """raw uint8 [N, row_bytes] GGUF rows -> (tiled uint8 [ceil(N / 16), K / 32, tile_bytes], fmt) for
-    ``qmm``: fmt = 4 + 2 * (8-bit values) + (f32 scales)."""
+    ``qmm``: fmt = 4 (4-bit u), 6 (8-bit) or 8 (5-bit), + 1 for f32 scales."""
     from mistralpy.quant.gguf_dequant import BLOCK_SIZES
 
     ts = BLOCK_SIZES[qtype][1]
     u, d, m = _enc(raw.reshape(-1, ts), qtype)
-    bits8 = qtype not in _FOUR_BIT
+    bits = 4 if qtype in _FOUR_BIT else 5 if qtype in _FIVE_BIT else 8
     f16 = _exact_f16(d) and _exact_f16(m)
     sdt = torch.float16 if f16 else torch.float32
     nb = in_features // GROUP
@@ -114,12 +115,18 @@ def encode_affine(raw: torch.Tensor, qtype: Q, out_features: int, in_features: i
     pad = tiles * _TILE - out_features
     u = F.pad(u.reshape(out_features, nb * GROUP), (0, 0, 0, pad)).reshape(tiles, _TILE, nb, 8, 4)
     u = u.permute(0, 2, 3, 1, 4)                                   # [T, nb, quad, row, 4]
-    if not bits8:
+    if bits == 5:   # fifth bits as one 64-bit little-endian mask per quad (bit 4 r + i)
+        hi = ((u >> 4) & 1).reshape(tiles, nb, 8, 8, 8)
+        hi = (hi << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)   # [T, nb, 8, 8 bytes]
+        u = u & 0x0F
+    if bits != 8:
         u = u[:, :, :4] | (u[:, :, 4:] << 4)
+    if bits == 5:
+        u = torch.cat((u.reshape(tiles, nb, -1), hi.reshape(tiles, nb, -1)), dim=2)
     sc = [F.pad(v.reshape(out_features, nb), (0, 0, 0, pad)).reshape(tiles, _TILE, nb).transpose(1, 2)
           .to(sdt).contiguous().view(torch.uint8) for v in (d, m)]  # [T, nb, 16 * sb]
     packed = torch.cat((*sc, u.reshape(tiles, nb, -1)), dim=2).contiguous()
-    return packed, 4 + 2 * bits8 + (not f16)
+    return packed, {4: 4, 8: 6, 5: 8}[bits] + (not f16)
 
 
 _state: dict[str, bool] = {}
@@ -164,11 +171,16 @@ class CpuQMatmulKernel:
         d = blk[..., :sb].contiguous().view(sdt).float().transpose(1, 2)   # [T, 16, nb]
         m = blk[..., sb:2 * sb].contiguous().view(sdt).float().transpose(1, 2)
         q = blk[..., 2 * sb:]
-        if self.fmt & 2:
+        bits = _bits_of(self.fmt)
+        if bits == 8:
             q = q.reshape(tiles, nb, 8, _TILE, 4)
         else:
-            q = q.reshape(tiles, nb, 4, _TILE, 4)
-            q = torch.cat((q & 0x0F, q >> 4), dim=2)
+            lo = q[..., :256].reshape(tiles, nb, 4, _TILE, 4)
+            q = torch.cat((lo & 0x0F, lo >> 4), dim=2)
+            if bits == 5:
+                masks = blk[..., 2 * sb + 256:].reshape(tiles, nb, 8, 8, 1)
+                hi = (masks >> torch.arange(8, dtype=torch.uint8)) & 1             # [T, nb, 8, 8, 8]
+                q = q | (hi.reshape(tiles, nb, 8, _TILE, 4) << 4)
         q = q.permute(0, 3, 1, 2, 4).reshape(tiles, _TILE, nb, GROUP)
         w = q.to(torch.float32).mul_(d.unsqueeze(-1)).add_(m.unsqueeze(-1))
         w = w.reshape(tiles * _TILE, self.in_features)[start - t0 * _TILE:stop - t0 * _TILE]

@@ -2,7 +2,8 @@
 //
 // Weights: w = u * d + m per block of 32 values, u unsigned (4 or 8 bits), (d, m) per block in f16
 // or f32; every GGUF type with 32-value sub-blocks maps onto this exactly (gguf_kernels_cpu.py).
-// They are stored row-tiled (see "row-tiled layout" below), fmt = 4 + 2 * (8-bit u) + (f32 d, m).
+// They are stored row-tiled (see "row-tiled layout" below), fmt = 4 (4-bit u), 6 (8-bit) or 8 (5-bit),
+// + 1 for f32 (d, m).
 // Activations: each row of x is quantized once per call to int8 blocks of 32 (q8_1: dx = amax / 127 in f16,
 // q = round(x * 127 / amax), sx = dx * sum(q)), so that
 //   y[n] = sum_b d_b * dx_b * sum_j u_j q_j + m_b * sx_b
@@ -50,12 +51,14 @@ inline float load_scale(const uint8_t* p) {
 // style, so that one 512-bit vpdpbusd computes 4 values of each of the 16 rows at once and no
 // horizontal sums are needed. Per tile-block (tiles of 16 rows, blocks along K inside a tile):
 //   d[16], m[16] (f16 or f32), then the values: 8-bit: 8 quads j of 64 bytes, byte 4 r + i =
-//   u[r][4 j + i]; 4-bit: 4 vectors v of 64 bytes, byte 4 r + i = u[r][4 v + i] | u[r][4 v + 16 + i] << 4.
+//   u[r][4 j + i]; 4-bit: 4 vectors v of 64 bytes, byte 4 r + i = u[r][4 v + i] | u[r][4 v + 16 + i] << 4;
+//   5-bit: the 4-bit layout of the low nibbles, then 8 little-endian uint64 masks (one per quad j,
+//   bit 4 r + i = bit 4 of u[r][4 j + i]).
 template <int BITS, typename S>
 struct Tiled {
   static constexpr int64_t R = 16;
   static constexpr int64_t SB = sizeof(S) * R;          // bytes of the 16 d's (and of the 16 m's)
-  static constexpr int64_t QB = R * QK * BITS / 8;       // bytes of values
+  static constexpr int64_t QB = R * QK * BITS / 8;       // bytes of values (5 bits: nibbles, then fifth bits)
   static constexpr int64_t BYTES = 2 * SB + QB;
 };
 
@@ -96,12 +99,20 @@ inline void tile_dot(const uint8_t* t, const int8_t* xq, const float* xd, const 
     __m512i isum[MT];
 #pragma GCC unroll 8
     for (int i = 0; i < MT; ++i) isum[i] = _mm512_setzero_si512();
-    if constexpr (BITS == 4) {
+    if constexpr (BITS == 4 || BITS == 5) {
 #pragma GCC unroll 4
       for (int v = 0; v < 4; ++v) {
         const __m512i raw = _mm512_loadu_si512(qv + 64 * v);
-        const __m512i lo = _mm512_and_si512(raw, low);
-        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+        __m512i lo = _mm512_and_si512(raw, low);
+        __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+        if constexpr (BITS == 5) {  // fifth bits: one 64-bit mask per quad, + 16 where set
+          uint64_t mlo, mhi;
+          std::memcpy(&mlo, qv + 256 + 8 * v, 8);
+          std::memcpy(&mhi, qv + 256 + 8 * (v + 4), 8);
+          const __m512i sixteen = _mm512_set1_epi8(16);
+          lo = _mm512_mask_add_epi8(lo, static_cast<__mmask64>(mlo), lo, sixteen);
+          hi = _mm512_mask_add_epi8(hi, static_cast<__mmask64>(mhi), hi, sixteen);
+        }
 #pragma GCC unroll 8
         for (int i = 0; i < MT; ++i) {
           const int8_t* xb = xq + (i * nb + b) * QK;
@@ -140,13 +151,20 @@ inline void tile_dot(const uint8_t* t, const int8_t* xq, const float* xd, const 
     const uint8_t* qv = tb + 2 * F::SB;
     for (int r = 0; r < 16; ++r) {
       uint8_t u[QK];
-      if constexpr (BITS == 4) {
+      if constexpr (BITS == 4 || BITS == 5) {
         for (int v = 0; v < 4; ++v)
           for (int k = 0; k < 4; ++k) {
             const uint8_t byte = qv[64 * v + 4 * r + k];
             u[4 * v + k] = byte & 0x0F;
             u[16 + 4 * v + k] = byte >> 4;
           }
+        if constexpr (BITS == 5) {
+          for (int j = 0; j < 8; ++j)
+            for (int k = 0; k < 4; ++k) {
+              const int bit = 4 * r + k;
+              u[4 * j + k] |= ((qv[256 + 8 * j + bit / 8] >> (bit % 8)) & 1) << 4;
+            }
+        }
       } else {
         for (int j = 0; j < 8; ++j)
           for (int k = 0; k < 4; ++k) u[4 * j + k] = qv[64 * j + 4 * r + k];
@@ -239,15 +257,17 @@ void dispatch(int64_t fmt, const uint8_t* W, int64_t N, int64_t nb, const int8_t
     case 5: return run_tiled<4, float, OT>(W, N, nb, xq, xd, xs, M, y);
     case 6: return run_tiled<8, uint16_t, OT>(W, N, nb, xq, xd, xs, M, y);
     case 7: return run_tiled<8, float, OT>(W, N, nb, xq, xd, xs, M, y);
+    case 8: return run_tiled<5, uint16_t, OT>(W, N, nb, xq, xd, xs, M, y);
+    case 9: return run_tiled<5, float, OT>(W, N, nb, xq, xd, xs, M, y);
     default: TORCH_CHECK(false, "qmm: unknown weight format ", fmt);
   }
 }
 
 // Bytes of weight data for n rows of nb blocks.
 int64_t weight_bytes(int64_t fmt, int64_t n, int64_t nb) {
-  static const int64_t sizes[4] = {Tiled<4, uint16_t>::BYTES, Tiled<4, float>::BYTES, Tiled<8, uint16_t>::BYTES,
-                                   Tiled<8, float>::BYTES};
-  TORCH_CHECK(fmt >= 4 && fmt < 8, "qmm: unknown weight format ", fmt);
+  static const int64_t sizes[6] = {Tiled<4, uint16_t>::BYTES, Tiled<4, float>::BYTES, Tiled<8, uint16_t>::BYTES,
+                                   Tiled<8, float>::BYTES, Tiled<5, uint16_t>::BYTES, Tiled<5, float>::BYTES};
+  TORCH_CHECK(fmt >= 4 && fmt < 10, "qmm: unknown weight format ", fmt);
   return (n + 15) / 16 * nb * sizes[fmt - 4];
 }
 
