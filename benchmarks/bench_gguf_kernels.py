@@ -96,14 +96,16 @@ def smollm2_token(dtype: torch.dtype, fused: bool) -> dict:
     """All matmuls of one SmolLM2-135M decode step (M = 1)."""
     rng = np.random.default_rng(1)
     layer = [(960, 576), (576, 576), (3072, 576), (576, 1536)] if fused else SMOL
+    # 30 distinct copies of each weight, as in a real model: a repeated one would be read from cache.
     kerns = [make_gguf_kernel(random_raw(Q.Q4_1, n, k, rng), Q.Q4_1, n, k, dtype=dtype, device=torch.device("cpu"))
-             for n, k in layer] * 30
+             for _ in range(30) for n, k in layer]
     head_raw = random_raw(Q.Q8_0, 49152, 576, rng)
     head = make_gguf_kernel(head_raw, Q.Q8_0, 49152, 576, dtype=dtype, device=torch.device("cpu"))
     rng = np.random.default_rng(1)
-    planes = [Int4PlaneKernel.from_gguf(random_raw(Q.Q4_1, n, k, rng), Q.Q4_1, n, k, dtype) for n, k in layer] * 30
+    planes = [Int4PlaneKernel.from_gguf(random_raw(Q.Q4_1, n, k, rng), Q.Q4_1, n, k, dtype)
+              for _ in range(30) for n, k in layer]
     planes_head = Int4PlaneKernel.from_gguf(head_raw, Q.Q8_0, 49152, 576, dtype)
-    dense = [prepack(torch.randn(n, k).to(dtype)) for n, k in layer] * 30
+    dense = [prepack(torch.randn(n, k).to(dtype)) for _ in range(30) for n, k in layer]
     dense_head = prepack(torch.randn(49152, 576).to(dtype))
     xs = {k: torch.randn(1, k).to(dtype) for k in (576, 1536)}
 

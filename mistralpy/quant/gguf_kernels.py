@@ -6,8 +6,8 @@ ISQ) tensor into a callable ``x [M, in] -> [M, out]`` holding no float copy of t
 - **CPU, bfloat16, AVX512-VNNI, 32-value sub-block types** (Q4_0/Q4_1/Q4_K, Q5_0/Q5_1/Q5_K, Q8_0,
   IQ4_NL/IQ4_XS): the C++ extension (``gguf_kernels_cpu.CpuQMatmulKernel``, ``quant/cpu_ext``),
   llama.cpp-style int8 activations and integer block dots over exact re-encoded blocks, at every
-  row count. One SmolLM2-135M token's matmuls: 1.6 ms against 5.3 ms for the int4 planes below
-  (2 threads; memory-bound at ~60 GB/s). Built once per machine with g++; without it (no
+  row count. One SmolLM2-135M token's matmuls: 2.6 ms against 5.9 ms for the int4 planes below
+  (2 threads, 98 MB of blocks). Built once per machine with g++; without it (no
   compiler, another CPU, float32 compute) the paths below are used.
 - **CPU, every quantized type**: the blocks are re-encoded *exactly* as 4-bit planes with group-32
   scales and zeros (``gguf_kernels_encode``; bytes held per weight: 0.5 + 0.125 for Q4_0/Q4_1/Q4_K,
