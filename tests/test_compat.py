@@ -135,12 +135,13 @@ def test_gguf_smollm2_local_folder():
 
     path = smollm2_gguf_path()
     with Runner(which=Which.GGUF(tok_model_id=None, quantized_model_id=str(path.parent),
-                                 quantized_filename=path.name), max_seqs=2, num_kv_blocks=32) as r:
+                                 quantized_filename=path.name), max_seqs=2, num_kv_blocks=32,
+                dtype="f32") as r:  # float activations: the exact answer (see tests/test_gguf_smollm2.py)
         res = r.send_chat_completion_request(ChatCompletionRequest(
             model="default", messages=[{"role": "user", "content": "What is the capital of France?"}],
             max_tokens=12, temperature=0.0))
         assert "Paris" in res.choices[0].message.content
-        native = Engine(str(path), num_kv_blocks=32, max_seqs=1)
+        native = Engine(str(path), num_kv_blocks=32, max_seqs=1, dtype="f32")
         try:
             assert native.chat([{"role": "user", "content": "What is the capital of France?"}], max_tokens=12,
                                temperature=0.0).choices[0].message.content == res.choices[0].message.content
