@@ -56,8 +56,8 @@ class ChatSpec:
             text = strict_auto_grammar(self.strict_forced, reasoning, self.starts_in_reasoning,
                                        self.marker_tokens or {})
             if text is None:
-                log.warning("strict tools: the %s format's calls do not open with a marker token, so "
-                            "tool_choice 'auto' cannot constrain them; arguments are not enforced", self.tool_parser)
+                log.warning("strict tools: no auto-mode grammar for the %s format; arguments are not "
+                            "enforced", self.tool_parser)
             else:
                 self.grammar = {"type": "lark", "value": text}
 

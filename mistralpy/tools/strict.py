@@ -5,8 +5,8 @@ The grammar is ``start: reasoning? TEXT? calls?`` where ``calls`` is the format'
 (:meth:`ToolParser.grammar` for "required"). This only works when that grammar opens with a
 marker that is a token (Qwen's ``<tool_call>``, ``[TOOL_CALLS]``, DeepSeek's
 ``<｜tool▁calls▁begin｜>``): free text can never spell a token, so the text ends exactly where the
-model emits the marker. A format whose calls begin with plain text (Llama 3's bare JSON) cannot be
-told apart from an answer, so it is left unconstrained (:func:`strict_auto_grammar` returns None).
+model emits the marker. Llama 3's calls are bare JSON objects, which its parser recognises only at
+the start of the output: there the grammar is "calls, or text that does not open with ``{``".
 Reasoning blocks whose markers are tokens are allowed before the answer (a token-only grammar
 would otherwise forbid ``<think>``).
 """
@@ -34,14 +34,27 @@ def opens_with_token(forced: str) -> bool:
     return start.startswith("call") and bool(calls) and all(v.startswith("<[") for v in calls)
 
 
+def opens_with_brace(forced: str) -> bool:
+    """Every call is a bare JSON object (Llama 3): ``call_i`` expansions start with the text ``{``."""
+    rules = _rules(forced)
+    calls = [v for k, v in rules.items() if k.startswith("call_")]
+    return rules.get("start", "").startswith("call") and bool(calls) and all(v.startswith('"{') for v in calls)
+
+
 def strict_auto_grammar(forced: str, reasoning: tuple[str, str] | None, starts_in_reasoning: bool,
                         tokens: Mapping[str, int]) -> str | None:
     """The lark grammar for text-or-strict-calls, or None when the format cannot be constrained so.
 
     ``forced``: the format's lark grammar for tool_choice "required"; ``reasoning``: the (start, end)
     markers of the model's reasoning block, if any; ``tokens``: added-token text -> id."""
-    if not forced.startswith("start: ") or not opens_with_token(forced):
+    if not forced.startswith("start: "):
         return None
+    if not opens_with_token(forced):
+        if not opens_with_brace(forced):
+            return None
+        # Bare JSON calls (Llama 3): the parser takes an output that opens with "{" as calls, so
+        # either the output is calls, or it is text that does not open with "{".
+        return "start: TEXT | calls\nTEXT: /[^{\\s](?s:.*)/\n" + forced.replace("start: ", "calls: ", 1)
     lines = ["start: reasoning? TEXT? calls?"]
     if reasoning is not None and reasoning[1] in tokens and (starts_in_reasoning or reasoning[0] in tokens):
         opener = "" if starts_in_reasoning else f"<[{tokens[reasoning[0]]}]> "
