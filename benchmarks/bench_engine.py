@@ -24,13 +24,14 @@ import argparse
 import gc
 import json
 import os
-import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from mistralpy.cli.bench import in_thread, measure_bandwidth, usable_cpus
+from mistralpy.cli.bench import machine_info as bench_machine_info
 
 HERE = Path(__file__).resolve().parent
 try:  # other work on the machine skews every number: record how busy it was
@@ -58,13 +59,6 @@ SHAPES: dict[str, tuple[str, str, dict]] = {
 }
 
 
-def default_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -74,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="mistralpy with torch.compile'd decode steps (Engine(compile=True)); warm-up pays the compile")
     p.add_argument("--dtype", choices=["bf16", "f32"], default="bf16",
                    help="compute dtype of both engines (the checkpoint is stored in bf16)")
-    p.add_argument("--threads", type=int, default=default_threads(),
+    p.add_argument("--threads", type=int, default=usable_cpus(),
                    help="torch intra-op threads for both engines; the default is every core this process may use")
     p.add_argument("--prompt-len", type=int, default=256, help="batch-1 prompt length in tokens")
     p.add_argument("--gen-len", type=int, default=64, help="batch-1 generated tokens for the decode measurement")
@@ -170,72 +164,14 @@ def weight_bytes_per_token(path: Path, dtype_bytes: int) -> tuple[int, int]:
 
 # ---- machine ----------------------------------------------------------------------------------------
 def machine_info(threads: int) -> dict:
+    """mistralpy bench's machine record, plus this script's own fields."""
     import torch
-
-    cpu = platform.processor() or "unknown"
-    flags: list[str] = []
-    family = model = None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = (s.strip() for s in line.partition(":"))
-            if key == "model name":
-                cpu = value
-            elif key == "cpu family" and family is None:
-                family = value
-            elif key == "model" and model is None:
-                model = value
-            elif key == "flags" and not flags:
-                flags = value.split()
-    except OSError:
-        pass
-    try:
-        mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1)
-    except (ValueError, OSError, AttributeError):
-        mem_gb = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "mistralpy"], cwd=REPO,
-                                    capture_output=True, text=True, check=True).stdout.strip())
-        commit += "-dirty" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
     import transformers
 
-    import mistralpy
-    return {
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": default_threads(),
-        "threads": threads,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_family_model": f"{family}/{model}",
-        "isa": [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags],
-        "loadavg_at_start": LOADAVG_AT_START,
-        "memory_gb": mem_gb,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "mistralpy": mistralpy.__version__,
-        "mistralpy_commit": commit,
-    }
-
-
-def measure_bandwidth(gib: float) -> float:
-    """Read bandwidth in GB/s: best of a few `sum`s over a float32 tensor of `gib` GiB (far bigger
-    than any cache), on the current torch threads."""
-    import torch
-
-    x = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
-    x.sum()  # first touch / warm-up
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t0)
-    nbytes = x.numel() * 4
-    del x
-    return nbytes / best / 1e9
+    info = bench_machine_info(threads)
+    info.pop("loadavg", None)
+    return {**info, "torch_threads": torch.get_num_threads(), "loadavg_at_start": LOADAVG_AT_START,
+            "transformers": transformers.__version__}
 
 
 class CpuMonitor:
@@ -460,19 +396,6 @@ def report(res: dict) -> str:
                      f"{a['first_token_equal']}/{a['requests']}, common prefix lengths "
                      f"{a['common_prefix_lengths']} of {cfg['sanity_tokens']}.")
     return "\n".join(lines)
-
-
-def in_thread(fn, *args):
-    """fn(*args) on a thread that exits afterwards (its OpenMP pool goes with it)."""
-    import threading
-
-    out: list = []
-    t = threading.Thread(target=lambda: out.append(fn(*args)))
-    t.start()
-    t.join()
-    if not out:
-        raise RuntimeError(f"{fn.__name__} failed (see the traceback above)")
-    return out[0]
 
 
 COMPILE = False
