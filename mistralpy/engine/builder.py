@@ -65,7 +65,7 @@ class EngineOptions:
     # Tool-call / reasoning output formats (mistralpy.tools names); None: detected from the chat template.
     tool_parser: str | None = None
     reasoning_parser: str | None = None
-    compile: bool = False  # torch.compile decode steps (worker/compile.py): faster steps, ~25 s to compile
+    compile: bool = False  # torch.compile decode steps (worker/compile.py), compiled by a warm-up at build time
     # Called as weights load: progress(tensors_done, tensors_total, bytes_done, bytes_total, what)
     # (loading/model_loader.ProgressFn; the CLI passes cli/progress.LoadProgress). None: silent.
     progress: Any = None
@@ -169,6 +169,7 @@ def _core(model_config: ModelConfig, opts: EngineOptions, tokenizer: Tokenizer) 
     core = EngineCore(_engine_config(model_config, opts), tokenizer)
     if opts.compile:
         core.runner.enable_compile()
+        core.warmup()
     return core
 
 

@@ -67,6 +67,25 @@ class EngineCore:
         self.requests[req.request_id] = req
         self.scheduler.add(req)
 
+    def warmup(self, decode_steps: int = 3) -> None:
+        """Decode a single sequence, then two together, and forget them: with ``compile=True`` both
+        compiled decode graphs (one sequence, a batch) then exist before the first real request,
+        whose first tokens would otherwise wait for the compiler (~10-25 s), as vLLM warms up too.
+        The prompts are shorter than a block, so nothing enters the prefix cache."""
+        from mistralpy.sampling_params import SamplingParams
+
+        start = time.perf_counter()
+        params = SamplingParams(temperature=0.0, max_tokens=decode_steps + 1, ignore_eos=True).resolved()
+        for batch in (1, 2):
+            reqs = [Request(f"warmup-{batch}-{i}", [i + 1] * 4, params, self.max_total_tokens)
+                    for i in range(batch)]
+            for req in reqs:
+                self.add_request(req)
+            while any(r.finish_reason is None for r in reqs):
+                self.step()
+        self.stats = EngineStats()
+        log.info("warm-up (compiled decode graphs) took %.1fs", time.perf_counter() - start)
+
     def abort(self, request_id: str) -> list[Request]:
         """Finish a sequence (``id#i``) or every choice of a request (``id``) now, freeing KV blocks."""
         ids = [request_id] if "#" in request_id else [r for r in self.requests if r.startswith(request_id + "#")]
