@@ -45,6 +45,8 @@ def test_bench_writes_prefill_decode_and_roofline(ckpt, tmp_path, capsys):
     assert "lm_head.weight" in sd and roof["bytes_per_token"] == expected
     assert len(roof["decode_pct"]) == 2 and all(_positive(p) for p in roof["decode_pct"])
     assert res["machine"]["threads"] == 1 and res["machine"]["usable_cpus"] >= 1 and res["dtype"] == "float32"
+    # start-up: load time and peak memory, which holds at least the loaded weights
+    assert res["startup"]["load_s"] > 0 and res["startup"]["peak_rss_mb"] * 2**20 > res["roofline"]["bytes_per_token"]
     assert torch.get_num_threads() == 1
     printed = capsys.readouterr().out
     assert "| prefill pp20 |" in printed and "| decode tg4 @ depth 12 |" in printed

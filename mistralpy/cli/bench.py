@@ -161,6 +161,19 @@ def in_thread(fn: Callable[..., T], *args: Any) -> T:
     return out[0]
 
 
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB (Linux: VmHWM; else ru_maxrss)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def decode_weight_bytes(model: Any) -> int:
     """Bytes of weights read per decoded token: everything held (`weight_bytes`: quantized sizes
     included) less an embedding table whose storage the LM head does not share (a lookup reads one
@@ -263,6 +276,10 @@ def format_table(res: dict[str, Any]) -> str:
                    f"{roof['upper_bound_tok_s']:,.0f} tok/s upper bound for batch-1 decode (KV-cache reads not "
                    "counted)" + (f"; depth {res['results']['decode'][0]['depth']} decode reaches "
                                  f"{roof['decode_pct'][0]:.0f}% of the bandwidth limit." if roof['decode_pct'] else "."))]
+    if "startup" in res:
+        st = res["startup"]
+        lines.append(f"Start-up: model loaded in {st['load_s']:.1f} s; peak resident memory after loading "
+                     f"{st['peak_rss_mb']:,.0f} MB.")
     lines.append(f"Machine: {mach['cpu']} ({mach['cpu_family_model']}), {mach['usable_cpus']}/{mach['logical_cpus']} "
                  f"CPUs usable, ISA {'+'.join(mach['isa']) or 'baseline'}, {mach['memory_gb']} GB RAM, load average "
                  f"{mach['loadavg']}; torch {mach['torch']}, mistralpy {mach['mistralpy']} ({mach['mistralpy_commit']}).")
@@ -289,6 +306,11 @@ def bench_command(args: argparse.Namespace) -> int:
     from mistralpy.cli.main import engine_kwargs
 
     t_start = time.perf_counter()
+    t0 = time.perf_counter()
+    engine = Engine(args.model, **engine_kwargs(args))
+    startup = {"load_s": time.perf_counter() - t0, "peak_rss_mb": peak_rss_mb()}  # before the bandwidth buffer
+    print(f"loaded {args.model} in {startup['load_s']:.1f} s (peak RSS {startup['peak_rss_mb']:,.0f} MB)",
+          flush=True)
     if args.bandwidth_gbs is None:
         # the memory the weights live in: the GPU's when the engine runs there
         device = "cuda" if args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available()) \
@@ -297,9 +319,6 @@ def bench_command(args: argparse.Namespace) -> int:
     else:
         bandwidth, source = args.bandwidth_gbs, "given"
     print(f"memory read bandwidth: {bandwidth:.1f} GB/s ({source})", flush=True)
-    t0 = time.perf_counter()
-    engine = Engine(args.model, **engine_kwargs(args))
-    print(f"loaded {args.model} in {time.perf_counter() - t0:.1f} s", flush=True)
     try:
         model = engine.core.runner.model
         nbytes = decode_weight_bytes(model)
@@ -317,7 +336,7 @@ def bench_command(args: argparse.Namespace) -> int:
     config = {k: v for k, v in vars(args).items() if k not in ("json", "command", "verbose")}
     res = {"benchmark": "mistralpy_bench", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": args.model,
            "dtype": dtype, "params": n_params, "config": config, "machine": machine_info(args.threads),
-           "roofline": roofline, "results": results, "total_s": time.perf_counter() - t_start}
+           "roofline": roofline, "startup": startup, "results": results, "total_s": time.perf_counter() - t_start}
     table = format_table(res)
     print()
     print(table)
