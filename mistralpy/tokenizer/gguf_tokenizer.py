@@ -266,16 +266,23 @@ def _spm_merges(vocab: _Vocab) -> list[tuple[str, str]]:
     """
     ids = {t: i for i, t in enumerate(vocab.tokens)}
     scores = vocab.scores or [0.0] * len(vocab.tokens)
+    skip = (CONTROL, UNKNOWN, BYTE)
+    get = ids.get
     ranked: list[tuple[float, int, int, str, str]] = []
     for i, text in enumerate(vocab.tokens):
-        if len(text) < 2 or vocab.types[i] in (CONTROL, UNKNOWN, BYTE):
+        if len(text) < 2 or vocab.types[i] in skip:
             continue
+        score = -scores[i]
         for cut in range(1, len(text)):
-            left, right = text[:cut], text[cut:]
-            li, ri = ids.get(left), ids.get(right)
-            if li is not None and ri is not None:
-                ranked.append((-scores[i], li, ri, left, right))
-    ranked.sort(key=lambda m: (m[0], m[1], m[2]))
+            left = text[:cut]
+            li = get(left)
+            if li is None:
+                continue
+            right = text[cut:]
+            ri = get(right)
+            if ri is not None:
+                ranked.append((score, li, ri, left, right))
+    ranked.sort()  # (score, left id, right id) decide: a pair of ids names one split
     return [(m[3], m[4]) for m in ranked]
 
 
