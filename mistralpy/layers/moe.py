@@ -30,9 +30,8 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from mistralpy.layers.activation import act_and_mul, get_act_fn
-from mistralpy.layers.linear import Linear, MergedLinear
 from mistralpy.layers.matmul import linear
+from mistralpy.layers.mlp import GatedMLP
 
 
 class Router(nn.Module):
@@ -55,19 +54,6 @@ class Router(nn.Module):
         if self.qkernel is not None:
             return self.qkernel(x)
         return linear(x, self.weight)
-
-
-class ExpertMLP(nn.Module):
-    """One expert: down(act(gate(x)) * up(x)), gate and up fused into one matmul."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu", bias: bool = False) -> None:
-        super().__init__()
-        self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size, intermediate_size], bias=bias)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
-        self.act_fn = get_act_fn(act)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(act_and_mul(self.gate_up_proj(x), self.act_fn))
 
 
 _KEYS = itertools.count()
@@ -100,7 +86,7 @@ class FusedExperts(nn.Module):
                  bias: bool = False) -> None:
         super().__init__()
         for e in range(num_experts):
-            self.add_module(str(e), ExpertMLP(hidden_size, intermediate_size, act, bias))
+            self.add_module(str(e), GatedMLP(hidden_size, intermediate_size, act, bias))
         self.num_experts = num_experts
         self.hidden_size = hidden_size
 
@@ -110,10 +96,10 @@ class FusedExperts(nn.Module):
         _BY_KEY[self._key] = self
         self.register_buffer("moe_key", torch.tensor(self._key, dtype=torch.int64), persistent=False)
 
-    def __getitem__(self, e: int) -> ExpertMLP:
+    def __getitem__(self, e: int) -> GatedMLP:
         return self._modules[str(e)]
 
-    def __iter__(self) -> Iterator[ExpertMLP]:
+    def __iter__(self) -> Iterator[GatedMLP]:
         return (self._modules[str(e)] for e in range(self.num_experts))
 
     def __len__(self) -> int:

@@ -34,14 +34,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from mistralpy.attention.backend import AttentionBackend, AttentionSpec
-from mistralpy.layers.activation import act_and_mul, get_act_fn
 from mistralpy.layers.embedding import LMHead, VocabEmbedding
-from mistralpy.layers.linear import Linear, MergedLinear, default_weight_loader
+from mistralpy.layers.linear import Linear, default_weight_loader
 from mistralpy.layers.moe import FusedExperts, split_all_fused_experts
 from mistralpy.layers.norm import RMSNorm
 from mistralpy.layers.rotary import get_rope, rope_params_from_config
 from mistralpy.models.base import CausalLM
-from mistralpy.models.llama import LlamaModel
+from mistralpy.models.llama import LlamaMLP, LlamaModel
 
 # HF builds q_a_layernorm / kv_a_layernorm with the default eps, not rms_norm_eps.
 _LATENT_NORM_EPS = 1e-6
@@ -71,22 +70,6 @@ def mla_softmax_scale(cfg: dict[str, Any]) -> float:
 def _deinterleave(x: torch.Tensor) -> torch.Tensor:
     """[..., (a0 b0 a1 b1 ...)] -> [..., (a0 a1 ... b0 b1 ...)]: interleaved pairs to neox halves."""
     return torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
-
-
-class DeepseekV2MLP(nn.Module):
-    """Dense SwiGLU MLP (the first_k_dense_replace layers, and the shared experts)."""
-
-    def __init__(self, cfg: dict[str, Any], intermediate_size: int | None = None) -> None:
-        super().__init__()
-        hidden = cfg["hidden_size"]
-        inter = intermediate_size or cfg["intermediate_size"]
-        bias = bool(cfg.get("mlp_bias", False))  # transformers' V2 option; DeepSeek's checkpoints have none
-        self.gate_up_proj = MergedLinear(hidden, [inter, inter], bias=bias)
-        self.down_proj = Linear(inter, hidden, bias=bias)
-        self.act_fn = get_act_fn(cfg.get("hidden_act", "silu"))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(act_and_mul(self.gate_up_proj(x), self.act_fn))
 
 
 class DeepseekV2TopkRouter(nn.Module):
@@ -154,7 +137,7 @@ class DeepseekV2Moe(nn.Module):
                                     cfg.get("hidden_act", "silu"))
         self.gate = DeepseekV2TopkRouter(cfg, v3)
         n_shared = cfg.get("n_shared_experts") or 0
-        self.shared_experts = DeepseekV2MLP(cfg, cfg["moe_intermediate_size"] * n_shared) if n_shared else None
+        self.shared_experts = LlamaMLP(cfg, cfg["moe_intermediate_size"] * n_shared) if n_shared else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
@@ -250,7 +233,7 @@ class DeepseekV2DecoderLayer(nn.Module):
         super().__init__()
         eps = cfg.get("rms_norm_eps", 1e-6)
         self.self_attn = DeepseekV2Attention(cfg, layer_idx, backend, v3)
-        self.mlp = DeepseekV2Moe(cfg, v3) if _is_moe_layer(cfg, layer_idx) else DeepseekV2MLP(cfg)
+        self.mlp = DeepseekV2Moe(cfg, v3) if _is_moe_layer(cfg, layer_idx) else LlamaMLP(cfg)  # dense layers (first_k_dense_replace)
         self.input_layernorm = RMSNorm(cfg["hidden_size"], eps)
         self.post_attention_layernorm = RMSNorm(cfg["hidden_size"], eps)
 

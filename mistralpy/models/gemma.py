@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from mistralpy.attention.backend import AttentionBackend, AttentionSpec
-from mistralpy.layers.activation import act_and_mul, get_act_fn
 from mistralpy.layers.embedding import LMHead, VocabEmbedding
 from mistralpy.layers.linear import Linear, MergedLinear
+from mistralpy.layers.mlp import GatedMLP
 from mistralpy.layers.norm import RMSNorm
 from mistralpy.layers.rotary import RotaryEmbedding, get_rope, rope_params_from_config
 from mistralpy.models.base import CausalLM, cfg_get
@@ -47,16 +47,9 @@ def gemma_layer_types(cfg: dict[str, Any], pattern: int | None) -> list[str]:
     return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
 
 
-class GemmaMLP(nn.Module):
+class GemmaMLP(GatedMLP):
     def __init__(self, cfg: dict[str, Any]) -> None:
-        super().__init__()
-        hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
-        self.gate_up_proj = MergedLinear(hidden, [inter, inter], bias=False)
-        self.down_proj = Linear(inter, hidden, bias=False)
-        self.act_fn = get_act_fn(gemma_activation(cfg))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(act_and_mul(self.gate_up_proj(x), self.act_fn))
+        super().__init__(cfg["hidden_size"], cfg["intermediate_size"], gemma_activation(cfg))
 
 
 class GemmaAttention(LlamaAttention):

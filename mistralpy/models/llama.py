@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from mistralpy.attention.backend import AttentionBackend, AttentionSpec
-from mistralpy.layers.activation import act_and_mul, get_act_fn
 from mistralpy.layers.embedding import LMHead, VocabEmbedding
 from mistralpy.layers.linear import Linear, MergedLinear
+from mistralpy.layers.mlp import GatedMLP
 from mistralpy.layers.norm import RMSNorm
 from mistralpy.layers.rotary import get_rope, partial_rotary_factor_from_config, rope_params_from_config
 from mistralpy.models.base import CausalLM, cfg_get
@@ -32,17 +32,13 @@ def layer_sliding_window(cfg: dict[str, Any], layer_idx: int) -> int | None:
     return window
 
 
-class LlamaMLP(nn.Module):
-    def __init__(self, cfg: dict[str, Any]) -> None:
-        super().__init__()
-        hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
-        bias = bool(cfg.get("mlp_bias", False))
-        self.gate_up_proj = MergedLinear(hidden, [inter, inter], bias=bias)
-        self.down_proj = Linear(inter, hidden, bias=bias)
-        self.act_fn = get_act_fn(cfg.get("hidden_act", "silu"))
+class LlamaMLP(GatedMLP):
+    """SwiGLU MLP from the config; ``intermediate_size`` overrides the config's (DeepSeek's shared
+    experts)."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(act_and_mul(self.gate_up_proj(x), self.act_fn))
+    def __init__(self, cfg: dict[str, Any], intermediate_size: int | None = None) -> None:
+        super().__init__(cfg["hidden_size"], intermediate_size or cfg["intermediate_size"],
+                         cfg.get("hidden_act", "silu"), bias=bool(cfg.get("mlp_bias", False)))
 
 
 class LlamaAttention(nn.Module):

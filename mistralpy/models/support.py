@@ -23,9 +23,9 @@ def gguf_names(arch: str) -> list[str]:
 
 
 def markdown_table() -> str:
-    rows = ["| Hugging Face architecture | model file | safetensors | GGUF (llama.cpp arch) | ISQ | "
-            "paged attention | `mistralpy quantize` export |",
-            "|---|---|:-:|---|:-:|:-:|:-:|"]
+    header = ("| Hugging Face architecture | model file | safetensors | GGUF (llama.cpp arch) | ISQ | "
+              "paged attention | `mistralpy quantize` export |")
+    rows = [header, "|---|---|:-:|---|:-:|:-:|:-:|"]
     for arch in sorted(_REGISTRY):
         module, cls = _REGISTRY[arch]
         alias = "" if cls == arch else f" (= {cls})"
