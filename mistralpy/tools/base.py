@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from mistralpy.tools.grammar import lark_str, select_tools
-from mistralpy.tools.jsonscan import BAD, PARTIAL, ObjectScan, loads_object, partial_suffix
+from mistralpy.tools.jsonscan import BAD, PARTIAL, ObjectScan, loads_object, partial_suffix, scan_object
 
 CONTENT, SKIP, CALL, FAIL, WAIT = "content", "skip", "call", "fail", "wait"
 
@@ -91,6 +91,14 @@ class ToolParser:
     # ---- format hooks -------------------------------------------------------------------------
     def _step(self, text: str, pos: int, final: bool) -> Step:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def _object_call(self, text: str, j: int, final: bool, fail: Step) -> Step:
+        """The call whose JSON object starts at ``j`` (a CALL step, finished or not), or ``fail``
+        when no object starts there or it cannot be a call."""
+        if text[j] != "{":
+            return fail
+        call = call_from_object(text, scan_object(text, j, final, self._memo), final, j)
+        return fail if call is None else call
 
     def _new_id(self) -> str:
         return new_call_id()

@@ -6,9 +6,9 @@ A call whose object is complete counts even if the closing tag never came (outpu
 """
 from __future__ import annotations
 
-from mistralpy.tools.base import CALL, FAIL, WAIT, Step, ToolParser, _Marks, call_from_object, content_until
+from mistralpy.tools.base import CALL, FAIL, WAIT, Step, ToolParser, _Marks, content_until
 from mistralpy.tools.grammar import call_rules, lark_str
-from mistralpy.tools.jsonscan import PARTIAL, match_lit, scan_object, skip_ws
+from mistralpy.tools.jsonscan import PARTIAL, match_lit, skip_ws
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
@@ -24,12 +24,8 @@ class HermesToolParser(ToolParser):
         j = skip_ws(text, pos + len(OPEN))
         if j >= len(text):
             return fail if final else Step(WAIT)
-        if text[j] != "{":
-            return fail
-        call = call_from_object(text, scan_object(text, j, final, self._memo), final, j)
-        if call is None:
-            return fail
-        if not call.done:
+        call = self._object_call(text, j, final, fail)
+        if call is fail or not call.done:
             return call
         k = skip_ws(text, call.end)
         r = match_lit(text, k, CLOSE)

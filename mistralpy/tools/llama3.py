@@ -6,9 +6,9 @@ with keys a call cannot have (a plain JSON answer) is content as soon as such a 
 """
 from __future__ import annotations
 
-from mistralpy.tools.base import CONTENT, FAIL, SKIP, WAIT, Step, ToolParser, _Marks, call_from_object, content_until
+from mistralpy.tools.base import CONTENT, FAIL, SKIP, WAIT, Step, ToolParser, _Marks, content_until
 from mistralpy.tools.grammar import call_rules, lark_str
-from mistralpy.tools.jsonscan import PARTIAL, match_lit, scan_object, skip_ws
+from mistralpy.tools.jsonscan import PARTIAL, match_lit, skip_ws
 
 TAG = "<|python_tag|>"
 
@@ -54,12 +54,8 @@ class Llama3JsonToolParser(ToolParser):
         fail = Step(FAIL, fail_end, mode="content")
         if j >= len(text):
             return fail if final else Step(WAIT)
-        if text[j] != "{":
-            return fail
-        call = call_from_object(text, scan_object(text, j, final, self._memo), final, j)
-        if call is None:
-            return fail
-        if call.done:
+        call = self._object_call(text, j, final, fail)
+        if call is not fail and call.done:
             call.mode = "after"
         return call
 

@@ -21,12 +21,11 @@ from mistralpy.tools.base import (
     Step,
     ToolParser,
     _Marks,
-    call_from_object,
     content_until,
     new_mistral_call_id,
 )
 from mistralpy.tools.grammar import call_rules, lark_str
-from mistralpy.tools.jsonscan import BAD, PARTIAL, loads_object, match_lit, scan_object, skip_ws, value_end
+from mistralpy.tools.jsonscan import BAD, PARTIAL, loads_object, match_lit, skip_ws, value_end
 
 TOOL_CALLS, ARGS, CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
 _NAME = re.compile(r"[A-Za-z0-9_.\-]+")
@@ -71,12 +70,8 @@ class MistralToolParser(ToolParser):
 
     def _list_call(self, text: str, pos: int, j: int, final: bool, fail_end: int) -> Step:
         fail = Step(FAIL, fail_end, mode="content")
-        if text[j] != "{":
-            return fail
-        call = call_from_object(text, scan_object(text, j, final, self._memo), final, j)
-        if call is None:
-            return fail
-        if call.done:
+        call = self._object_call(text, j, final, fail)
+        if call is not fail and call.done:
             call.mode = "list"
         return call
 
