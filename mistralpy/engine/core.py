@@ -58,9 +58,8 @@ class EngineCore:
         return min(self.config.model.max_model_len, self.runner.num_blocks * self.config.cache.block_size)
 
     def add_request(self, req: Request) -> None:
-        key = req.params.structured
-        if key is not None and req.grammar is None:
-            req.grammar = self.structured.matcher(key)  # the grammar itself is compiled and cached already
+        """Admit a request. A constrained one arrives with its grammar matcher (``Engine._prepare``
+        makes it on the caller's thread, where a failure is that caller's error)."""
         req.extra["detok"] = IncrementalDetokenizer(
             self.tokenizer, req.prompt_token_ids, skip_special_tokens=req.params.skip_special_tokens,
             stop=req.params.stop, include_stop_str_in_output=req.params.include_stop_str_in_output)
