@@ -41,8 +41,9 @@ class ChatSpec:
         return self.tool_parser is None and self.reasoning_parser is None
 
     def note_prompt(self, prompt_text: str) -> None:
-        """Remember whether the rendered prompt already opened the reasoning block (DeepSeek-R1 and
-        Qwen3 templates may end the generation prompt with ``<think>``)."""
+        """Once the prompt is rendered: remember whether it already opened the reasoning block
+        (DeepSeek-R1 and Qwen3 templates may end the generation prompt with ``<think>``), which the
+        strict-tools grammar of ``auto`` mode depends on, and build that grammar."""
         reasoning = None
         if self.reasoning_parser is not None:
             from mistralpy.tools import get_reasoning_parser
