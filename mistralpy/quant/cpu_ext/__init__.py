@@ -1,7 +1,8 @@
-"""The CPU quantized-matmul extension (``qmatmul.cpp``): built on first use, cached per machine.
+"""The CPU kernel extension (every ``*.cpp`` in this folder): built on first use, cached per machine.
 
-``load()`` compiles ``qmatmul.cpp`` once with the system ``g++`` (``-O3 -march=native -fopenmp``,
-torch's headers and libraries; no ninja or setuptools needed; ~20-30 s on a 2-core machine) into
+``load()`` compiles the sources once with the system ``g++`` (``-O3 -march=native -fopenmp``,
+torch's headers and libraries; no ninja or setuptools needed; each source is one object, built in
+parallel, ~20-30 s each on a 2-core machine) and links them into
 ``$MISTRALPY_CACHE/cpu_ext`` (default ``~/.cache/mistralpy/cpu_ext``) and loads it with
 ``torch.ops.load_library``. The file name carries a hash of the source, the flags, the torch and
 Python versions and this CPU's ISA flags, so an edit, an upgrade or another CPU builds a new copy
@@ -12,7 +13,9 @@ compiler, a build error) it logs one warning and returns False: callers keep tor
 
 Registers ``torch.ops.mistralpy_cpu.qmm(x [M, K], w uint8, fmt, n) -> y [M, n]`` (weight formats:
 ``qmatmul.cpp``'s header) with a fake implementation, so torch.compile traces it as one op, and
-``torch.ops.mistralpy_cpu.isa`` (which SIMD path the build took).
+``torch.ops.mistralpy_cpu.isa`` (which SIMD path the build took). Each source registers its ops
+with ``TORCH_LIBRARY_FRAGMENT`` (one library, many files); the Python module that wraps a source's
+ops registers their fake implementations through ``register_fakes``.
 """
 from __future__ import annotations
 
@@ -31,7 +34,11 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SRC = Path(__file__).with_name("qmatmul.cpp")
+_HERE = Path(__file__).parent
+
+
+def sources() -> list[Path]:
+    return sorted(_HERE.glob("*.cpp"))
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
 NAMESPACE = "mistralpy_cpu"
@@ -59,8 +66,10 @@ def _flags(namespace: str, march: str) -> list[str]:
 
 def library_path(namespace: str = NAMESPACE, march: str = "native") -> Path:
     h = hashlib.sha256()
-    for part in (_SRC.read_bytes(), " ".join(_flags(namespace, march)).encode(), torch.__version__.encode(),
-                 _cpu_flags().encode(), sys.version.encode()):
+    parts = [src.read_bytes() for src in sources()]
+    parts += [" ".join(_flags(namespace, march)).encode(), torch.__version__.encode(), _cpu_flags().encode(),
+              sys.version.encode()]
+    for part in parts:
         h.update(part)
     return cache_dir() / f"{namespace}_{h.hexdigest()[:16]}.so"
 
@@ -78,22 +87,53 @@ def build(namespace: str = NAMESPACE, march: str = "native") -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd = [cxx, *_flags(namespace, march), *(f"-I{p}" for p in cpp_extension.include_paths()), str(_SRC),
-           "-o", tmp, *(f"-L{p}" for p in cpp_extension.library_paths()),
-           *(f"-Wl,-rpath,{p}" for p in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu", "-ltorch"]
-    log.info("building the CPU quantized-matmul extension (once per machine, ~30 s) ...")
-    try:
-        res = subprocess.run(cmd, check=False, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError(f"g++ failed: {res.stderr.strip()[-2000:]}")
-        os.replace(tmp, out)
-        for stale in out.parent.glob(f"{namespace}_*.so"):   # builds of older sources / torch versions
-            if stale != out:
-                stale.unlink(missing_ok=True)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+    libs = [*(f"-L{p}" for p in cpp_extension.library_paths()),
+            *(f"-Wl,-rpath,{p}" for p in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu", "-ltorch"]
+    log.info("building the CPU kernel extension (once per machine, ~30-60 s) ...")
+    with tempfile.TemporaryDirectory(dir=out.parent) as objdir:
+        try:
+            objs = _compile_objects(cxx, _flags(namespace, march), includes, Path(objdir))
+            _check(subprocess.run([cxx, *_flags(namespace, march), *objs, "-o", tmp, *libs],
+                                  check=False, capture_output=True, text=True))
+            os.replace(tmp, out)
+            for stale in out.parent.glob(f"{namespace}_*.so"):   # builds of older sources / torch versions
+                if stale != out:
+                    stale.unlink(missing_ok=True)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return out
+
+
+def _compile_objects(cxx: str, flags: list[str], includes: list[str], objdir: Path) -> list[str]:
+    """One object per source, compiled side by side (they are independent translation units)."""
+    jobs = []
+    for src in sources():
+        obj = str(objdir / (src.stem + ".o"))
+        cmd = [cxx, *(f for f in flags if f != "-shared"), "-c", *includes, str(src), "-o", obj]
+        jobs.append((obj, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+    for _, proc in jobs:
+        _, err = proc.communicate()
+        _check(subprocess.CompletedProcess(proc.args, proc.returncode, "", err))
+    return [obj for obj, _ in jobs]
+
+
+def _check(res: subprocess.CompletedProcess) -> None:
+    if res.returncode != 0:
+        raise RuntimeError(f"g++ failed: {res.stderr.strip()[-2000:]}")
+
+
+_fake_hooks: list = []
+_loaded: list[str] = []
+
+
+def register_fakes(hook) -> None:
+    """Add hook(namespace) that registers fake (meta) implementations of some ops; it runs for every
+    namespace loaded (now, for those already loaded)."""
+    _fake_hooks.append(hook)
+    for namespace in _loaded:
+        hook(namespace)
 
 
 def _register_fake(namespace: str) -> None:
@@ -106,6 +146,9 @@ def load_namespace(namespace: str, march: str) -> None:
     """Build and load one variant (tests load a portable ``-march=x86-64`` one beside the native one)."""
     torch.ops.load_library(str(build(namespace, march)))
     _register_fake(namespace)
+    _loaded.append(namespace)
+    for hook in _fake_hooks:
+        hook(namespace)
 
 
 def load() -> bool:

@@ -317,7 +317,7 @@ at::Tensor isa_code(const at::Tensor& like) {
 #define QMM_NS mistralpy_cpu
 #endif
 
-TORCH_LIBRARY(QMM_NS, m) {
+TORCH_LIBRARY_FRAGMENT(QMM_NS, m) {
   m.def("qmm(Tensor x, Tensor w, int fmt, int n) -> Tensor");
   m.def("isa(Tensor like) -> Tensor");
 }
