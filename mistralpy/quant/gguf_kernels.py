@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
 
-from mistralpy.layers.matmul import can_prepack, linear, prepack
+from mistralpy.layers.matmul import can_prepack, is_prepacked, linear, prepack, unpacked
 from mistralpy.quant import gguf_kernels_cpu
 from mistralpy.quant.gguf_dequant import BLOCK_SIZES, dequantize
 from mistralpy.quant.gguf_kernels_cpu import CPU_EXT_TYPES, CpuQMatmulKernel
@@ -235,7 +235,7 @@ class FloatKernel:
         self.weight = prepack(w) if can_prepack(w) else w
 
     def nbytes(self) -> int:
-        if self.weight.is_mkldnn:
+        if is_prepacked(self.weight):
             return self.out_features * self.in_features * self.weight.element_size()
         return _tensor_bytes(self.weight)
 
@@ -245,10 +245,7 @@ class FloatKernel:
         return y.reshape(*lead, self.out_features)
 
     def dequantized(self) -> torch.Tensor:
-        if self.weight.is_mkldnn:
-            eye = torch.eye(self.in_features, dtype=self.dtype)
-            return linear(eye, self.weight).t().float()
-        return self.weight.float()
+        return unpacked(self.weight).float()
 
 
 def _int4_ok(qtype: Q, in_features: int, dtype: torch.dtype, device: torch.device) -> bool:
