@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelLoadError
+from . import cpu_fused
 
 __all__ = [
     "RotaryEmbedding",
@@ -259,6 +260,7 @@ class RotaryEmbedding(torch.nn.Module):
         self.dtype = dtype  # the model's dtype; outputs take q/k's dtype, the cache stays float32
         self.check_bounds = True
         self._step_cache: tuple[torch.Tensor, ...] | None = None  # positions, cos, sin, cos2, sin2
+        self._fused_positions: torch.Tensor | None = None  # the step whose positions the cache covers
         self._cos = self._sin = torch.empty(0)
         self._build(max(int(max_position), 1), self.inv_freq.device)
 
@@ -325,6 +327,8 @@ class RotaryEmbedding(torch.nn.Module):
         if torch.compiler.is_compiling():  # no per-step cache in a graph: the lookup fuses into the rotation
             cos, sin = self._cos[positions].unsqueeze(-2), self._sin[positions].unsqueeze(-2)
             return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        if cpu_fused.usable(q) and q.dtype == k.dtype and positions.device.type == "cpu":
+            return self._fused(positions, q, k)
         cached = self._step_cache
         if cached is None or cached[0] is not positions:
             cos, sin = self.cos_sin(positions)
@@ -343,6 +347,21 @@ class RotaryEmbedding(torch.nn.Module):
             both = self._rotate(torch.cat((q, k), dim=1), cos, sin)
             return both[:, : q.shape[1]], both[:, q.shape[1]:]
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    def _fused(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # One CPU op for q and k (new tensors; the kernel looks up the full float32 tables by position
+        # and refuses positions past them). Bounds are checked, and the cache grown, once per step.
+        if self._fused_positions is not positions:
+            self._check(positions)
+            self._fused_positions = positions
+        if positions.dtype not in (torch.int64, torch.int32):
+            positions = positions.long()
+        if q.dim() == 3 and k.dim() == 3:  # (a view costs ~1-3 us: only for the flat [T, H*D] form)
+            return cpu_fused.rope(positions, q, k, self._cos, self._sin)
+        q3 = q.view(q.shape[0], -1, self.head_dim) if q.dim() == 2 else q
+        k3 = k.view(k.shape[0], -1, self.head_dim) if k.dim() == 2 else k
+        qo, ko = cpu_fused.rope(positions, q3, k3, self._cos, self._sin)
+        return qo.view(q.shape), ko.view(k.shape)
 
 
 def _freeze(value: Any) -> Any:
