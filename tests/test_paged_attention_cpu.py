@@ -165,6 +165,18 @@ def test_mla_values_in_key_cache(dtype):
 
 
 @needs_ext
+def test_strided_rows():
+    """q, k and v as views with strided last dims (the op reads them through their strides)."""
+    c = _case(31, [50, 17], hk=2, group=2, d=64, dtype=torch.bfloat16, cache_dtype=torch.bfloat16)
+    for name in ("q", "k", "v"):
+        wide = torch.zeros(*c[name].shape[:2], 2 * c[name].shape[2], dtype=c[name].dtype)
+        wide[..., ::2] = c[name]
+        c[name] = wide[..., ::2]
+        assert c[name].stride(-1) == 2
+    _check(c, AttentionSpec(scale=0.125, sliding_window=20))
+
+
+@needs_ext
 def test_large_head_dim_and_threads():
     """Gemma's head dim 256 and more threads than sequences x kv heads (query groups are split)."""
     c = _case(13, [300], hk=1, group=8, d=256, dtype=torch.bfloat16, cache_dtype=torch.bfloat16, bs=32)

@@ -32,32 +32,35 @@ def available() -> bool:
         if torch.compiler.is_compiling():
             return False
         _state["ok"] = cpu_ext.load() and hasattr(torch.ops.mistralpy_cpu, "paged_decode")
+        if _state["ok"]:
+            _op.append(torch.ops.mistralpy_cpu.paged_decode.default)
     return _state["ok"]
 
 
+_op: list = []   # the op's handle, looked up once (~0.2 us a call otherwise)
+
+
 def values_in_keys(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    """v_cache is k_cache's first Dv channels (MLA's latent cache, worker/model_runner._layer_cache).
-    Under torch.compile data pointers are not available: the matching strides of a narrower view
-    decide (nothing else in the engine builds such a v cache)."""
+    """v_cache is k_cache's first Dv channels (MLA's latent cache, worker/model_runner._layer_cache):
+    not contiguous, with k_cache's strides. Under torch.compile data pointers are not available and
+    the strides decide (nothing else in the engine builds such a v cache)."""
     if v_cache is k_cache:
         return True
-    if (v_cache.shape[:3] != k_cache.shape[:3] or v_cache.stride() != k_cache.stride()
-            or v_cache.shape[3] >= k_cache.shape[3]):
+    if v_cache.is_contiguous() or v_cache.stride() != k_cache.stride():
         return False
     return torch.compiler.is_compiling() or v_cache.data_ptr() == k_cache.data_ptr()
 
 
 def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    """The op handles this layer: CPU tensors, supported dtypes, contiguous caches (or MLA's view)."""
-    if q.device.type != "cpu" or not available():
+    """The op handles this layer: CPU tensors, supported dtypes, contiguous caches (or MLA's view).
+    (Called per layer and step: only cheap checks; q, k and v may have any strides.)"""
+    if not q.is_cpu or not available():
         return False
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype or k_cache.dtype not in _DTYPES:
         return False
-    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 or not k_cache.is_contiguous():
+    if not k_cache.is_contiguous():
         return False
-    if values_in_keys(k_cache, v_cache):
-        return True
-    return v_cache.dtype == k_cache.dtype and v_cache.is_contiguous()
+    return values_in_keys(k_cache, v_cache) or v_cache.dtype == k_cache.dtype
 
 
 def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -66,6 +69,5 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
     """Write k/v [W, Hk, D|Dv] at `slots` [W] (W = 0: nothing to write), then attend q [B, Hq, D]
     over block_tables [B, nb] / seq_lens [B] (int64) -> [B, Hq, Dv] in q's dtype."""
     vc = None if values_in_keys(k_cache, v_cache) else v_cache
-    return torch.ops.mistralpy_cpu.paged_decode.default(
-        q, k, v, k_cache, vc, slots, block_tables, seq_lens, spec.scale, spec.sliding_window or 0,
-        spec.logit_softcap or 0.0)
+    return _op[0](q, k, v, k_cache, vc, slots, block_tables, seq_lens, spec.scale, spec.sliding_window or 0,
+                  spec.logit_softcap or 0.0)
