@@ -2,7 +2,9 @@
 
 Runs on any device and is the oracle for fast backends. Decode rows (one new token) are
 batched into a single SDPA call over a padded gather; rows with several new tokens (prefill
-chunks) go one sequence at a time with an explicit causal / sliding-window mask.
+chunks) go one sequence at a time with an explicit causal / sliding-window mask. On CPU, when the
+C++ extension is loaded, decode rows instead go through ``cpu_paged.decode`` (one call per layer
+that writes the cache and attends in place, no gather); ``MISTRALPY_CPU_EXT=0`` keeps torch's path.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from mistralpy.attention import cpu_paged
 from mistralpy.attention.backend import AttentionSpec
 from mistralpy.worker.forward_batch import ForwardBatch
 
@@ -55,6 +58,8 @@ class TorchRefBackend:
             md.decode_lens = torch.tensor([batch.seq_lens[i] for i in decode_idx], device=dev)
             md.decode_max_len = max_len
             md.all_decode = len(decode_idx) == batch.num_seqs
+            if dev.type == "cpu":  # load (or build) the C++ op here, eagerly: compiled steps only read the flag
+                cpu_paged.available()
         for i, q in enumerate(batch.query_lens):
             if q == 1:
                 continue
@@ -66,8 +71,16 @@ class TorchRefBackend:
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, md: TorchRefMetadata, spec: AttentionSpec) -> torch.Tensor:
+        # The C++ op (cpu_paged) for decode rows where it applies; it writes the cache itself.
+        fast = md.decode_rows is not None and cpu_paged.usable(q, k, v, k_cache, v_cache)
         if torch.compiler.is_compiling():  # worker/compile.py compiles decode-only steps
+            if fast:
+                return cpu_paged.decode(q, k, v, k_cache, v_cache, md.slot_mapping, md.decode_blocks,
+                                        md.decode_lens, spec)
             return _traced_decode(q, k, v, k_cache, v_cache, md, spec)
+        if fast and md.all_decode:  # decode row i is token row i
+            return cpu_paged.decode(q, k, v, k_cache, v_cache, md.slot_mapping, md.decode_blocks,
+                                    md.decode_lens, spec)
         # v may be narrower than k and its cache a view into k's (MLA's latent cache, model_runner)
         num_kv_heads, head_dim, v_dim = k_cache.shape[2], k_cache.shape[3], v_cache.shape[3]
         flat_k = k_cache.view(-1, num_kv_heads, head_dim)
@@ -79,8 +92,13 @@ class TorchRefBackend:
             return self._decode(q, k_cache, v_cache, md, spec)
         out = q.new_empty(q.shape[0], q.shape[1], v_dim)
         if md.decode_rows is not None:
-            out.index_copy_(0, md.decode_rows, self._decode(q.index_select(0, md.decode_rows), k_cache,
-                                                            v_cache, md, spec))
+            dq = q.index_select(0, md.decode_rows)
+            if fast:  # every row is written above: the op only attends (no rows to write)
+                dec = cpu_paged.decode(dq, k[:0], v[:0], k_cache, v_cache, md.slot_mapping[:0],
+                                       md.decode_blocks, md.decode_lens, spec)
+            else:
+                dec = self._decode(dq, k_cache, v_cache, md, spec)
+            out.index_copy_(0, md.decode_rows, dec)
         for seq in md.prefill:
             keys = k_cache.index_select(0, seq.blocks).view(-1, num_kv_heads, head_dim)[: seq.seq_len]
             vals = v_cache.index_select(0, seq.blocks).view(-1, num_kv_heads, v_dim)[: seq.seq_len]
