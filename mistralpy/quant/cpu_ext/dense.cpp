@@ -9,9 +9,10 @@
 // of a tile side by side, each row's two values adjacent. One 64-byte load then holds exactly what
 // vdpbf16ps needs for 16 outputs, and x's pair (x[2p], x[2p+1]) is one broadcast 32-bit word.
 //
-// Summation order of an output: even pairs and odd pairs in two float32 accumulators, added at
-// the end. It does not depend on the number of rows in the call or on the thread split, so a
-// request gets the same numbers alone and inside any batch.
+// Summation order of an output: one float32 accumulator over the pairs in order. It does not
+// depend on the number of rows in the call or on the thread split, so a request gets the same
+// numbers alone and inside any batch. The micro-kernel takes 4 rows x 4 tiles (16 accumulators):
+// one 64-byte weight load feeds 4 dot products, one broadcast of x feeds 4.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -29,7 +30,8 @@
 namespace {
 
 constexpr int64_t TILE = 16;
-constexpr int MAX_MR = 8;  // rows of x per pass: 2 * MR accumulators + 2 weight registers
+constexpr int MR = 4;  // rows of x per micro-kernel call
+constexpr int NT = 4;  // tiles per micro-kernel call: MR * NT = 16 accumulators, 8 loads per 16 dot products
 
 inline float bf16_to_float(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -41,77 +43,79 @@ inline float bf16_to_float(uint16_t v) {
 #if defined(__AVX512BF16__) && defined(__AVX512VL__)
 #define MISTRALPY_DENSE_BF16 1
 
-// One tile (16 outputs) for MR rows of x. w: the tile's [KP, 16, 2]; x: MR rows of KP pairs.
-template <int MR>
-inline void tile_rows(const uint16_t* w, int64_t KP, const uint32_t* x, int64_t x_stride, __m512* out) {
-  __m512 even[MR], odd[MR];
-  for (int m = 0; m < MR; ++m) {
-    even[m] = _mm512_setzero_ps();
-    odd[m] = _mm512_setzero_ps();
-  }
-  int64_t p = 0;
-  for (; p + 1 < KP; p += 2) {
-    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + p * 32);
-    const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + p * 32 + 32);
-    for (int m = 0; m < MR; ++m) {
-      even[m] = _mm512_dpbf16_ps(even[m], w0, (__m512bh)_mm512_set1_epi32(x[m * x_stride + p]));
-      odd[m] = _mm512_dpbf16_ps(odd[m], w1, (__m512bh)_mm512_set1_epi32(x[m * x_stride + p + 1]));
+// R rows of x against T consecutive tiles; one float32 accumulator per (tile, row) summed over the
+// pairs in order, so an output's sum does not depend on R, T or the thread split.
+template <int R, int T>
+inline void micro(const uint16_t* w, int64_t KP, const uint32_t* x, const float* bias, int64_t n0, int64_t N,
+                  c10::BFloat16* y, int64_t m0) {
+  __m512 acc[T][R];
+  for (int t = 0; t < T; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();
+  const uint32_t* xr = x + m0 * KP;
+  for (int64_t p = 0; p < KP; ++p) {
+    __m512bh xb[R];
+    for (int r = 0; r < R; ++r) xb[r] = (__m512bh)_mm512_set1_epi32(xr[r * KP + p]);
+    for (int t = 0; t < T; ++t) {
+      const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (t * KP + p) * 32);
+      for (int r = 0; r < R; ++r) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], wv, xb[r]);
     }
   }
-  if (p < KP) {
-    const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + p * 32);
-    for (int m = 0; m < MR; ++m)
-      even[m] = _mm512_dpbf16_ps(even[m], w0, (__m512bh)_mm512_set1_epi32(x[m * x_stride + p]));
-  }
-  for (int m = 0; m < MR; ++m) out[m] = _mm512_add_ps(even[m], odd[m]);
-}
-
-template <int MR>
-inline void tile_store(const uint16_t* w, int64_t KP, const uint32_t* x, int64_t KPx, const float* bias,
-                       int64_t n0, int64_t N, c10::BFloat16* y, int64_t m0) {
-  __m512 acc[MR];
-  tile_rows<MR>(w, KP, x + m0 * KPx, KPx, acc);
-  const int64_t cols = std::min<int64_t>(TILE, N - n0);
-  const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1);
-  __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n0) : _mm512_setzero_ps();
-  for (int m = 0; m < MR; ++m) {
-    const __m256i v = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[m], b));
-    _mm256_mask_storeu_epi16(reinterpret_cast<uint16_t*>(y) + (m0 + m) * N + n0, mask, v);
+  for (int t = 0; t < T; ++t) {
+    const int64_t n = n0 + t * TILE;
+    const int64_t cols = std::min<int64_t>(TILE, N - n);
+    const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(mask, bias + n) : _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) {
+      const __m256i v = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[t][r], b));
+      _mm256_mask_storeu_epi16(reinterpret_cast<uint16_t*>(y) + (m0 + r) * N + n, mask, v);
+    }
   }
 }
 
-void tile_all_rows(const uint16_t* w, int64_t KP, const uint32_t* x, int64_t M, const float* bias, int64_t n0,
-                   int64_t N, c10::BFloat16* y) {
+template <int T>
+void rows_for_tiles(const uint16_t* w, int64_t KP, const uint32_t* x, int64_t M, const float* bias, int64_t n0,
+                    int64_t N, c10::BFloat16* y) {
   int64_t m0 = 0;
-  for (; m0 + MAX_MR <= M; m0 += MAX_MR) tile_store<MAX_MR>(w, KP, x, KP, bias, n0, N, y, m0);
+  for (; m0 + MR <= M; m0 += MR) micro<MR, T>(w, KP, x, bias, n0, N, y, m0);
   switch (M - m0) {
-    case 1: tile_store<1>(w, KP, x, KP, bias, n0, N, y, m0); break;
-    case 2: tile_store<2>(w, KP, x, KP, bias, n0, N, y, m0); break;
-    case 3: tile_store<3>(w, KP, x, KP, bias, n0, N, y, m0); break;
-    case 4: tile_store<4>(w, KP, x, KP, bias, n0, N, y, m0); break;
-    case 5: tile_store<5>(w, KP, x, KP, bias, n0, N, y, m0); break;
-    case 6: tile_store<6>(w, KP, x, KP, bias, n0, N, y, m0); break;
-    case 7: tile_store<7>(w, KP, x, KP, bias, n0, N, y, m0); break;
+    case 1: micro<1, T>(w, KP, x, bias, n0, N, y, m0); break;
+    case 2: micro<2, T>(w, KP, x, bias, n0, N, y, m0); break;
+    case 3: micro<3, T>(w, KP, x, bias, n0, N, y, m0); break;
     default: break;
   }
+}
+
+// Tiles [t0, t1) for all rows of x: groups of NT tiles (8 for one or two rows, where the product
+// is a stream of weights and more independent accumulators hide the dot-product latency), then
+// single tiles.
+void tiles(const uint16_t* W, int64_t KP, const uint32_t* x, int64_t M, const float* bias, int64_t t0, int64_t t1,
+           int64_t N, c10::BFloat16* y) {
+  int64_t t = t0;
+  if (M <= 2) {
+    for (; t + 2 * NT <= t1; t += 2 * NT) rows_for_tiles<2 * NT>(W + t * KP * 32, KP, x, M, bias, t * TILE, N, y);
+  }
+  for (; t + NT <= t1; t += NT) rows_for_tiles<NT>(W + t * KP * 32, KP, x, M, bias, t * TILE, N, y);
+  for (; t < t1; ++t) rows_for_tiles<1>(W + t * KP * 32, KP, x, M, bias, t * TILE, N, y);
 }
 
 #else
 
 // Portable path (same order of summation, plain float math): correct, not fast.
-void tile_all_rows(const uint16_t* w, int64_t KP, const uint32_t* x, int64_t M, const float* bias, int64_t n0,
-                   int64_t N, c10::BFloat16* y) {
-  const int64_t cols = std::min<int64_t>(TILE, N - n0);
-  for (int64_t m = 0; m < M; ++m) {
-    const uint16_t* xr = reinterpret_cast<const uint16_t*>(x + m * KP);
-    for (int64_t c = 0; c < cols; ++c) {
-      float even = 0.f, odd = 0.f;
-      for (int64_t p = 0; p < KP; ++p) {
-        const uint16_t* wp = w + p * 32 + c * 2;
-        float s = bf16_to_float(wp[0]) * bf16_to_float(xr[2 * p]) + bf16_to_float(wp[1]) * bf16_to_float(xr[2 * p + 1]);
-        (p % 2 ? odd : even) += s;
+void tiles(const uint16_t* W, int64_t KP, const uint32_t* x, int64_t M, const float* bias, int64_t t0, int64_t t1,
+           int64_t N, c10::BFloat16* y) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint16_t* w = W + t * KP * 32;
+    const int64_t n0 = t * TILE, cols = std::min<int64_t>(TILE, N - n0);
+    for (int64_t m = 0; m < M; ++m) {
+      const uint16_t* xr = reinterpret_cast<const uint16_t*>(x + m * KP);
+      for (int64_t c = 0; c < cols; ++c) {
+        float acc = 0.f;
+        for (int64_t p = 0; p < KP; ++p) {
+          const uint16_t* wp = w + p * 32 + c * 2;
+          acc += bf16_to_float(wp[0]) * bf16_to_float(xr[2 * p]) + bf16_to_float(wp[1]) * bf16_to_float(xr[2 * p + 1]);
+        }
+        y[m * N + n0 + c] = c10::BFloat16(acc + (bias ? bias[n0 + c] : 0.f));
       }
-      y[m * N + n0 + c] = c10::BFloat16(even + odd + (bias ? bias[n0 + c] : 0.f));
     }
   }
 }
@@ -125,8 +129,8 @@ at::Tensor dense_mm(const at::Tensor& x, const at::Tensor& w, int64_t n, const c
               "dense_mm: x must be a contiguous 2-D bfloat16 tensor");
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(K % 2 == 0, "dense_mm: K must be even");
-  const int64_t KP = K / 2, NT = (n + TILE - 1) / TILE;
-  TORCH_CHECK(w.is_contiguous() && w.numel() == NT * KP * TILE * 2 && w.element_size() == 2,
+  const int64_t KP = K / 2, NTILES = (n + TILE - 1) / TILE;
+  TORCH_CHECK(w.is_contiguous() && w.numel() == NTILES * KP * TILE * 2 && w.element_size() == 2,
               "dense_mm: w does not hold a pair-tiled [", n, ", ", K, "] weight");
   const float* b = nullptr;
   at::Tensor bias_f32;
@@ -140,10 +144,11 @@ at::Tensor dense_mm(const at::Tensor& x, const at::Tensor& w, int64_t n, const c
   const auto* W = reinterpret_cast<const uint16_t*>(w.data_ptr());
   const auto* X = reinterpret_cast<const uint32_t*>(x.data_ptr());
   auto* Y = y.data_ptr<c10::BFloat16>();
-  // Grain: enough tiles per task that a thread streams a few hundred KB of weights.
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, KP * std::min<int64_t>(M, MAX_MR)));
-  at::parallel_for(0, NT, grain, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) tile_all_rows(W + t * KP * 32, KP, X, M, b, t * TILE, n, Y);
+  // Tasks of whole 8-tile groups, each streaming at least ~256 KB of weights.
+  const int64_t groups = (NTILES + 2 * NT - 1) / (2 * NT);
+  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, KP));
+  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+    tiles(W, KP, X, M, b, g0 * 2 * NT, std::min(g1 * 2 * NT, NTILES), n, Y);
   });
   return y;
 }
