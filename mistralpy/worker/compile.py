@@ -4,10 +4,12 @@ On a small model the eager decode step spends more time dispatching ~40 small op
 layer (norm upcasts, rotary, residual adds, casts, the attention gather and softmax) than in its
 matmuls. Here decode-only steps run every decoder layer through one compiled function, shared
 by all layers (parameters are graph inputs, so the layer is traced once, not once per layer).
-Inductor's C++ codegen turns each layer into four fused loops around the four matmuls: input
-norm; rotary + KV-cache write + one-query attention over the paged cache
-(``attention/torch_ref._traced_decode``); residual + post-attention norm; SiLU-and-mul; the
-quantized and dense matmuls stay the aten ops they are. Steps with prefill rows run eagerly
+Inductor's C++ codegen turns each layer into a few fused loops around the matmuls and the
+attention: input norm + rotary; residual + post-attention norm; SiLU-and-mul. Attention is the
+kernel extension's ``paged_decode`` op (cache write + attention in place, ``attention/cpu_paged.py``)
+or, without the extension, gathers and products over the paged cache
+(``attention/torch_ref._traced_decode``) that inductor fuses; the quantized and dense matmuls stay
+opaque ops. Steps with prefill rows run eagerly
 (their time is in the matmuls), so only decode shapes are compiled: one graph for a single
 sequence and one with a dynamic batch size, both dynamic in the context length.
 
