@@ -66,7 +66,7 @@ def _flags(namespace: str, march: str) -> list[str]:
 
 def library_path(namespace: str = NAMESPACE, march: str = "native") -> Path:
     h = hashlib.sha256()
-    parts = [src.read_bytes() for src in sources()]
+    parts = [src.read_bytes() for src in [*sources(), *sorted(_HERE.glob("*.h"))]]  # headers too
     parts += [" ".join(_flags(namespace, march)).encode(), torch.__version__.encode(), _cpu_flags().encode(),
               sys.version.encode()]
     for part in parts:
