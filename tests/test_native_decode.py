@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from fixtures_models import build_checkpoint
+
 from mistralpy import Engine, SamplingParams
 from mistralpy.layers import dense_cpu
 from mistralpy.quant import cpu_ext
@@ -21,8 +21,9 @@ from mistralpy.quant.gguf_kernels_cpu import fast as qmm_fast
 pytestmark = pytest.mark.skipif(not cpu_ext.load(), reason="CPU extension unavailable")
 
 # multiples of 32 (qmm's blocks) everywhere; head_dim 32
-SIZES = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
-SIZES_K = dict(hidden_size=256, intermediate_size=512, num_attention_heads=8, num_key_value_heads=2)  # Q4_K: 256
+SIZES = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2}
+# Q4_K blocks are 256 wide
+SIZES_K = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 8, "num_key_value_heads": 2}
 PROMPTS = [list(range(10 + 7 * i, 10 + 7 * i + n)) for i, n in enumerate(
     [40, 17, 5, 90, 3, 28, 61, 12, 9, 33, 70, 21, 14, 6, 47, 25])]
 
@@ -110,7 +111,7 @@ def test_families_match_eager(checkpoints, monkeypatch, variant, isq):
         pytest.skip("needs the AVX-512 kernels")
     sizes = dict(SIZES, head_dim=32) if variant == "qwen3" else SIZES
     if variant == "llama_gqa4_headdim":
-        sizes = dict(hidden_size=128, intermediate_size=256)  # its own 8 heads of 32, o/MLP biases
+        sizes = {"hidden_size": 128, "intermediate_size": 256}  # its own 8 heads of 32, o/MLP biases
     nat, _ = _check_equal(checkpoints(variant, sizes), PROMPTS[:3], monkeypatch, isq=isq)
     if variant == "qwen3":
         assert len(nat._args[0]) == 4 * nat.num_layers  # q/k norms passed
@@ -135,7 +136,7 @@ def test_rope_tables_grown(checkpoints, monkeypatch):
 
 def test_not_eligible_keeps_python_path(checkpoints, monkeypatch):
     monkeypatch.setenv("MISTRALPY_NATIVE_DECODE", "1")
-    path = checkpoints("phi2", dict(hidden_size=128, intermediate_size=256, num_attention_heads=4))
+    path = checkpoints("phi2", {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4})
     sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     with Engine(str(path), dtype="bf16", num_kv_blocks=64, max_model_len=256) as engine:
         assert engine.core.runner.native is None

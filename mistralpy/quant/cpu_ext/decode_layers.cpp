@@ -41,7 +41,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
 at::Tensor decode_layers(const at::Tensor& hidden, const at::Tensor& positions, const at::Tensor& cos,
                          const at::Tensor& sin, const at::Tensor& slots, const at::Tensor& block_tables,
                          const at::Tensor& seq_lens, at::TensorList k_caches, at::TensorList v_caches,
-                         at::TensorList norms, at::TensorList weights, const c10::List<std::optional<at::Tensor>>& biases,
+                         at::TensorList norms, at::TensorList weights,
+                         const c10::List<std::optional<at::Tensor>>& biases,
                          at::IntArrayRef formats, at::IntArrayRef outs, at::ArrayRef<double> eps,
                          at::ArrayRef<double> scales, at::IntArrayRef windows, int64_t num_heads,
                          int64_t num_kv_heads, int64_t head_dim, int64_t act) {
@@ -50,8 +51,8 @@ at::Tensor decode_layers(const at::Tensor& hidden, const at::Tensor& positions, 
   TORCH_CHECK(static_cast<int64_t>(v_caches.size()) == L && static_cast<int64_t>(scales.size()) == L &&
                   static_cast<int64_t>(windows.size()) == L,
               "decode_layers: one k/v cache, scale and window per layer");
-  TORCH_CHECK(static_cast<int64_t>(weights.size()) == LINEARS * L && static_cast<int64_t>(biases.size()) == LINEARS * L &&
-                  static_cast<int64_t>(formats.size()) == LINEARS * L && static_cast<int64_t>(outs.size()) == LINEARS * L,
+  const auto four = static_cast<size_t>(LINEARS * L);
+  TORCH_CHECK(weights.size() == four && biases.size() == four && formats.size() == four && outs.size() == four,
               "decode_layers: 4 weights, biases, formats and sizes per layer");
   const int64_t per_norm = static_cast<int64_t>(norms.size()) / std::max<int64_t>(L, 1);
   TORCH_CHECK((per_norm == 2 || per_norm == 4) && static_cast<int64_t>(norms.size()) == per_norm * L &&
