@@ -448,7 +448,9 @@ namespace QMM_NS::kernels {
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, double offset) {
   return ::rms_norm(x, w, eps, offset);
 }
-at::Tensor act_and_mul(const at::Tensor& x, int64_t act, bool hf_rounding) { return ::act_and_mul(x, act, hf_rounding); }
+at::Tensor act_and_mul(const at::Tensor& x, int64_t act, bool hf_rounding) {
+  return ::act_and_mul(x, act, hf_rounding);
+}
 std::tuple<at::Tensor, at::Tensor> rope(const at::Tensor& positions, const at::Tensor& q, const at::Tensor& k,
                                         const at::Tensor& cos, const at::Tensor& sin) {
   return ::rope(positions, q, k, cos, sin);
