@@ -79,6 +79,11 @@ class ModelRunner:
                  self.num_blocks * per_block / 2**20)
         self.sampler = Sampler(config.model.vocab_size, seed=config.seed)
         self.compiled = None
+        self.native = None  # worker/native_decode.py: all-decode CPU steps in one C++ call
+        if self.device.type == "cpu" and os.environ.get("MISTRALPY_NATIVE_DECODE", "1") != "0":
+            from mistralpy.worker.native_decode import NativeDecode
+
+            self.native = NativeDecode.install(self.model)
 
     def _layer_cache(self, heads: int, k_dim: int, v_dim: int, v_in_k: bool,
                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,6 +98,9 @@ class ModelRunner:
         """Run decode-only steps through torch.compile'd decoder layers (worker/compile.py)."""
         from mistralpy.worker.compile import CompiledDecode
 
+        if self.native is not None:  # compiling takes priority: it wraps the eager decode_layers
+            self.native.uninstall()
+            self.native = None
         self.compiled = CompiledDecode(self.model, self.config.model.max_model_len)
 
     def build_batch(self, sched: SchedulerOutput) -> ForwardBatch:

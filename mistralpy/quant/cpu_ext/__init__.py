@@ -9,7 +9,8 @@ Python versions and this CPU's ISA flags, so an edit, an upgrade or another CPU 
 instead of loading a stale or illegal one; a build goes to a temporary name and is renamed into
 place, so concurrent processes never load a half-written library. When anything fails (no
 compiler, a build error) it logs one warning and returns False: callers keep torch's kernels.
-``MISTRALPY_CPU_EXT=0`` disables it.
+``MISTRALPY_CPU_EXT=0`` disables it. Sources may share ``kernels.h`` (the ops' C++ entry points, for
+sources that call other ops' bodies directly; headers are hashed with the sources).
 
 Registers ``torch.ops.mistralpy_cpu.qmm(x [M, K], w uint8, fmt, n) -> y [M, n]`` (weight formats:
 ``qmatmul.cpp``'s header) with a fake implementation, so torch.compile traces it as one op, and
@@ -66,7 +67,7 @@ def _flags(namespace: str, march: str) -> list[str]:
 
 def library_path(namespace: str = NAMESPACE, march: str = "native") -> Path:
     h = hashlib.sha256()
-    parts = [src.read_bytes() for src in sources()]
+    parts = [src.read_bytes() for src in [*sources(), *sorted(_HERE.glob("*.h"))]]  # headers too
     parts += [" ".join(_flags(namespace, march)).encode(), torch.__version__.encode(), _cpu_flags().encode(),
               sys.version.encode()]
     for part in parts:

@@ -18,6 +18,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "kernels.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -173,6 +175,13 @@ at::Tensor dense_isa_code(const at::Tensor& like) {
 #ifndef QMM_NS
 #define QMM_NS mistralpy_cpu
 #endif
+
+// Named entry points for other sources (kernels.h).
+namespace QMM_NS::kernels {
+at::Tensor dense_mm(const at::Tensor& x, const at::Tensor& w, int64_t n, const std::optional<at::Tensor>& bias) {
+  return ::dense_mm(x, w, n, bias);
+}
+}  // namespace QMM_NS::kernels
 
 TORCH_LIBRARY_FRAGMENT(QMM_NS, m) {
   m.def("dense_mm(Tensor x, Tensor w, int n, Tensor? bias) -> Tensor");

@@ -19,6 +19,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "kernels.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -440,6 +442,20 @@ at::Tensor fused_isa_code(const at::Tensor& like) {
 #ifndef QMM_NS
 #define QMM_NS mistralpy_cpu
 #endif
+
+// Named entry points for other sources (kernels.h).
+namespace QMM_NS::kernels {
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, double offset) {
+  return ::rms_norm(x, w, eps, offset);
+}
+at::Tensor act_and_mul(const at::Tensor& x, int64_t act, bool hf_rounding) {
+  return ::act_and_mul(x, act, hf_rounding);
+}
+std::tuple<at::Tensor, at::Tensor> rope(const at::Tensor& positions, const at::Tensor& q, const at::Tensor& k,
+                                        const at::Tensor& cos, const at::Tensor& sin) {
+  return ::rope(positions, q, k, cos, sin);
+}
+}  // namespace QMM_NS::kernels
 
 TORCH_LIBRARY_FRAGMENT(QMM_NS, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps, float offset) -> Tensor");

@@ -20,6 +20,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "kernels.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -424,6 +426,16 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k, const at::Tens
 #ifndef QMM_NS
 #define QMM_NS mistralpy_cpu
 #endif
+
+// Named entry points for other sources (kernels.h).
+namespace QMM_NS::kernels {
+at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                        const std::optional<at::Tensor>& v_cache, const at::Tensor& slots,
+                        const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale, int64_t window,
+                        double softcap) {
+  return ::paged_decode(q, k, v, k_cache, v_cache, slots, block_tables, seq_lens, scale, window, softcap);
+}
+}  // namespace QMM_NS::kernels
 
 TORCH_LIBRARY_FRAGMENT(QMM_NS, m) {
   m.def(

@@ -15,6 +15,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "kernels.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -316,6 +318,11 @@ at::Tensor isa_code(const at::Tensor& like) {
 #ifndef QMM_NS
 #define QMM_NS mistralpy_cpu
 #endif
+
+// Named entry points for other sources (kernels.h).
+namespace QMM_NS::kernels {
+at::Tensor qmm(const at::Tensor& x, const at::Tensor& w, int64_t fmt, int64_t n) { return ::qmm(x, w, fmt, n); }
+}  // namespace QMM_NS::kernels
 
 TORCH_LIBRARY_FRAGMENT(QMM_NS, m) {
   m.def("qmm(Tensor x, Tensor w, int fmt, int n) -> Tensor");

@@ -1,0 +1,150 @@
+"""Native decode (worker/native_decode.py: all decoder layers of a decode step in one C++ op) gives
+bitwise what the eager Python path gives.
+
+The op makes the same kernel calls with the same arguments as the eager CPU path, so every decode
+step's logits must be EQUAL (not close) to those of an engine with MISTRALPY_NATIVE_DECODE=0, and
+so the greedy tokens: bf16 with dense pair-tiled weights and with ISQ Q4_0 / Q8_0 / Q4K (qmm
+kernels), batches of 1, 3 and 16 sequences of mixed lengths, Qwen 2 (q/k/v biases), Qwen 3 (q/k
+norms), Llama with o/MLP biases, and Mistral's sliding window decoded past the window.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from fixtures_models import build_checkpoint
+
+from mistralpy import Engine, SamplingParams
+from mistralpy.layers import dense_cpu
+from mistralpy.quant import cpu_ext
+from mistralpy.quant.gguf_kernels_cpu import fast as qmm_fast
+
+pytestmark = pytest.mark.skipif(not cpu_ext.load(), reason="CPU extension unavailable")
+
+# multiples of 32 (qmm's blocks) everywhere; head_dim 32
+SIZES = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2}
+# Q4_K blocks are 256 wide
+SIZES_K = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 8, "num_key_value_heads": 2}
+PROMPTS = [list(range(10 + 7 * i, 10 + 7 * i + n)) for i, n in enumerate(
+    [40, 17, 5, 90, 3, 28, 61, 12, 9, 33, 70, 21, 14, 6, 47, 25])]
+
+
+def _run(path, prompts, monkeypatch, native: bool, isq: str | None, max_tokens: int = 12, shrink_rope: bool = False):
+    """(tokens per prompt, logits of every step keyed by step index, the native object or None, batch sizes it ran)."""
+    monkeypatch.setenv("MISTRALPY_NATIVE_DECODE", "1" if native else "0")
+    sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    with Engine(str(path), dtype="bf16", num_kv_blocks=256, max_model_len=512, isq=isq) as engine:
+        runner = engine.core.runner
+        steps: list[torch.Tensor] = []
+        orig = runner.compute_logits
+
+        def record(sched):
+            logits = orig(sched)
+            steps.append(logits.clone())
+            return logits
+
+        runner.compute_logits = record
+        sizes: list[int] = []
+        nat = runner.native
+        if nat is not None:
+            op = nat._op
+
+            def counted(hidden, *args):
+                sizes.append(hidden.shape[0])
+                return op(hidden, *args)
+
+            nat._op = counted
+            if shrink_rope:  # positions past the tables: the native path must grow them first
+                nat.rope._build(4, nat.rope._cos.device)
+        out = engine.generate(prompts, sp)
+        tokens = [r.outputs[0].token_ids for r in out]
+    return tokens, steps, nat, sizes
+
+
+def _check_equal(path, prompts, monkeypatch, isq=None, max_tokens=12, shrink_rope=False):
+    tokens, steps, nat, sizes = _run(path, prompts, monkeypatch, True, isq, max_tokens, shrink_rope)
+    ref_tokens, ref_steps, ref_nat, _ = _run(path, prompts, monkeypatch, False, isq, max_tokens)
+    assert ref_nat is None
+    assert nat is not None and nat.calls > 0 and nat.calls == len(sizes)
+    assert len(steps) == len(ref_steps)
+    for i, (a, b) in enumerate(zip(steps, ref_steps)):
+        assert torch.equal(a, b), f"step {i}: logits differ by {(a - b).abs().max().item()}"
+    assert tokens == ref_tokens
+    return nat, sizes
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, tokenizer_dir):
+    made = {}
+
+    def get(variant: str, sizes: dict = SIZES):
+        key = (variant, tuple(sizes.items()))
+        if key not in made:
+            made[key] = build_checkpoint(tmp_path_factory.mktemp(variant), variant, tokenizer_dir, **sizes)
+        return made[key]
+
+    return get
+
+
+@pytest.mark.parametrize("batch", [1, 3, 16])
+def test_dense_bf16_matches_eager(checkpoints, monkeypatch, batch):
+    if not dense_cpu.available():
+        pytest.skip("dense bf16 kernel needs AVX512-BF16")
+    nat, sizes = _check_equal(checkpoints("llama"), PROMPTS[:batch], monkeypatch)
+    assert max(sizes) == batch  # the whole batch decoded natively at least once
+    assert all(f == 0 for f in nat._args[3])  # every linear dense
+
+
+@pytest.mark.parametrize("isq, sizes", [("Q4_0", SIZES), ("Q8_0", SIZES), ("Q4K", SIZES_K)])
+@pytest.mark.parametrize("batch", [1, 3, 16])
+def test_isq_matches_eager(checkpoints, monkeypatch, isq, sizes, batch):
+    if not qmm_fast():
+        pytest.skip("qmm kernels need AVX512-VNNI")
+    nat, ran = _check_equal(checkpoints("llama", sizes), PROMPTS[:batch], monkeypatch, isq=isq)
+    assert max(ran) == batch
+    assert all(f >= 4 for f in nat._args[3])  # every linear a qmm kernel
+
+
+@pytest.mark.parametrize("variant, isq", [("qwen2", None), ("qwen2", "Q8_0"), ("qwen3", None), ("qwen3", "Q4_0"),
+                                          ("llama_gqa4_headdim", "Q8_0"), ("llama_gqa4_headdim", None)])
+def test_families_match_eager(checkpoints, monkeypatch, variant, isq):
+    if not (dense_cpu.available() and qmm_fast()):
+        pytest.skip("needs the AVX-512 kernels")
+    sizes = dict(SIZES, head_dim=32) if variant == "qwen3" else SIZES
+    if variant == "llama_gqa4_headdim":
+        sizes = {"hidden_size": 128, "intermediate_size": 256}  # its own 8 heads of 32, o/MLP biases
+    nat, _ = _check_equal(checkpoints(variant, sizes), PROMPTS[:3], monkeypatch, isq=isq)
+    if variant == "qwen3":
+        assert len(nat._args[0]) == 4 * nat.num_layers  # q/k norms passed
+    if variant in ("qwen2", "llama_gqa4_headdim"):
+        assert nat._args[2][0] is not None  # qkv bias passed
+
+
+def test_sliding_window_past_window(checkpoints, monkeypatch):
+    if not dense_cpu.available():
+        pytest.skip("dense bf16 kernel needs AVX512-BF16")
+    path = checkpoints("mistral_swa", dict(SIZES, sliding_window=8))
+    nat, _ = _check_equal(path, [PROMPTS[0], PROMPTS[4], PROMPTS[2]], monkeypatch, max_tokens=20)
+    assert set(nat._args[7]) == {8}
+
+
+def test_rope_tables_grown(checkpoints, monkeypatch):
+    if not dense_cpu.available():
+        pytest.skip("dense bf16 kernel needs AVX512-BF16")
+    nat, _ = _check_equal(checkpoints("llama"), PROMPTS[:3], monkeypatch, shrink_rope=True)
+    assert nat.rope.max_cached_position >= 40 + 12  # the longest sequence's last position fits
+
+
+def test_not_eligible_keeps_python_path(checkpoints, monkeypatch):
+    monkeypatch.setenv("MISTRALPY_NATIVE_DECODE", "1")
+    path = checkpoints("phi2", {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4})
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    with Engine(str(path), dtype="bf16", num_kv_blocks=64, max_model_len=256) as engine:
+        assert engine.core.runner.native is None
+        assert "decode_layers" not in engine.core.runner.model.model.__dict__
+        assert len(engine.generate(PROMPTS[0], sp)[0].outputs[0].token_ids) == 4
+
+
+def test_disabled_by_env(checkpoints, monkeypatch):
+    monkeypatch.setenv("MISTRALPY_NATIVE_DECODE", "0")
+    with Engine(str(checkpoints("llama")), dtype="bf16", num_kv_blocks=64, max_model_len=256) as engine:
+        assert engine.core.runner.native is None
