@@ -148,3 +148,15 @@ def test_disabled_by_env(checkpoints, monkeypatch):
     monkeypatch.setenv("MISTRALPY_NATIVE_DECODE", "0")
     with Engine(str(checkpoints("llama")), dtype="bf16", num_kv_blocks=64, max_model_len=256) as engine:
         assert engine.core.runner.native is None
+
+
+def test_compile_leaves_an_eligible_model_native(checkpoints, monkeypatch):
+    """compile=True does not compile what the (faster) native loop runs, and starts without a warm-up."""
+    monkeypatch.setenv("MISTRALPY_NATIVE_DECODE", "1")
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    with Engine(str(checkpoints("llama")), dtype="bf16", num_kv_blocks=64, max_model_len=256, compile=True) as engine:
+        runner = engine.core.runner
+        assert runner.native is not None and runner.compiled is None
+        calls = runner.native.calls
+        assert len(engine.generate(PROMPTS[0], sp)[0].outputs[0].token_ids) == 4
+        assert runner.native.calls > calls

@@ -167,8 +167,7 @@ def build_core(model: str, opts: EngineOptions) -> tuple[EngineCore, Tokenizer, 
 def _core(model_config: ModelConfig, opts: EngineOptions, tokenizer: Tokenizer) -> EngineCore:
     model_config.progress = opts.progress
     core = EngineCore(_engine_config(model_config, opts), tokenizer)
-    if opts.compile:
-        core.runner.enable_compile()
+    if opts.compile and core.runner.enable_compile():
         core.warmup()
     return core
 

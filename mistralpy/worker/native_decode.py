@@ -12,7 +12,7 @@ qualifies (checked once: Llama-family layers with their stock forwards, bf16, ev
 logit softcap, the torch_ref backend with the C++ paged op); it then serves steps whose rows are
 all decode rows and hands every other step to the original eager ``decode_layers``. The per-layer
 tensors and sizes are gathered once, here. ``MISTRALPY_NATIVE_DECODE=0`` turns it off
-(worker/model_runner.py); torch.compile (``enable_compile``) takes priority over it.
+(worker/model_runner.py); where it is installed, ``compile=True`` does not compile (this is faster).
 """
 from __future__ import annotations
 
