@@ -11,8 +11,8 @@
 //
 // Summation order of an output: one float32 accumulator over the pairs in order. It does not
 // depend on the number of rows in the call or on the thread split, so a request gets the same
-// numbers alone and inside any batch. The micro-kernel takes 4 rows x 4 tiles (16 accumulators):
-// one 64-byte weight load feeds 4 dot products, one broadcast of x feeds 4.
+// numbers alone and inside any batch. The micro-kernel takes 6 rows x 4 tiles (24 accumulators):
+// one 64-byte weight load feeds 6 dot products, one broadcast of x feeds 4.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -32,8 +32,8 @@
 namespace {
 
 constexpr int64_t TILE = 16;
-constexpr int MR = 4;  // rows of x per micro-kernel call
-constexpr int NT = 4;  // tiles per micro-kernel call: MR * NT = 16 accumulators, 8 loads per 16 dot products
+constexpr int MR = 6;  // rows of x per micro-kernel call
+constexpr int NT = 4;  // tiles per micro-kernel call: MR * NT = 24 accumulators, 10 loads per 24 dot products
 
 inline float bf16_to_float(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -49,7 +49,7 @@ inline float bf16_to_float(uint16_t v) {
 // pairs in order, so an output's sum does not depend on R, T or the thread split.
 template <int R, int T>
 inline void micro(const uint16_t* w, int64_t KP, const uint32_t* x, const float* bias, int64_t n0, int64_t N,
-                  c10::BFloat16* y, int64_t m0) {
+                  c10::BFloat16* y, int64_t m0, const uint16_t* next) {
   __m512 acc[T][R];
   for (int t = 0; t < T; ++t)
     for (int r = 0; r < R; ++r) acc[t][r] = _mm512_setzero_ps();
@@ -57,6 +57,9 @@ inline void micro(const uint16_t* w, int64_t KP, const uint32_t* x, const float*
   for (int64_t p = 0; p < KP; ++p) {
     __m512bh xb[R];
     for (int r = 0; r < R; ++r) xb[r] = (__m512bh)_mm512_set1_epi32(xr[r * KP + p]);
+    if (next != nullptr) {
+      for (int t = 0; t < T; ++t) _mm_prefetch(reinterpret_cast<const char*>(next + (t * KP + p) * 32), _MM_HINT_T1);
+    }
     for (int t = 0; t < T; ++t) {
       const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (t * KP + p) * 32);
       for (int r = 0; r < R; ++r) acc[t][r] = _mm512_dpbf16_ps(acc[t][r], wv, xb[r]);
@@ -74,15 +77,20 @@ inline void micro(const uint16_t* w, int64_t KP, const uint32_t* x, const float*
   }
 }
 
+// With several row chunks, the first one also prefetches the next group's weights into L2, so that
+// they stream in while this group is computed (compute-bound from ~8 rows on).
 template <int T>
 void rows_for_tiles(const uint16_t* w, int64_t KP, const uint32_t* x, int64_t M, const float* bias, int64_t n0,
-                    int64_t N, c10::BFloat16* y) {
+                    int64_t N, c10::BFloat16* y, const uint16_t* next) {
+  if (M <= MR) next = nullptr;
   int64_t m0 = 0;
-  for (; m0 + MR <= M; m0 += MR) micro<MR, T>(w, KP, x, bias, n0, N, y, m0);
+  for (; m0 + MR <= M; m0 += MR, next = nullptr) micro<MR, T>(w, KP, x, bias, n0, N, y, m0, next);
   switch (M - m0) {
-    case 1: micro<1, T>(w, KP, x, bias, n0, N, y, m0); break;
-    case 2: micro<2, T>(w, KP, x, bias, n0, N, y, m0); break;
-    case 3: micro<3, T>(w, KP, x, bias, n0, N, y, m0); break;
+    case 1: micro<1, T>(w, KP, x, bias, n0, N, y, m0, next); break;
+    case 2: micro<2, T>(w, KP, x, bias, n0, N, y, m0, next); break;
+    case 3: micro<3, T>(w, KP, x, bias, n0, N, y, m0, next); break;
+    case 4: micro<4, T>(w, KP, x, bias, n0, N, y, m0, next); break;
+    case 5: micro<5, T>(w, KP, x, bias, n0, N, y, m0, next); break;
     default: break;
   }
 }
@@ -94,10 +102,14 @@ void tiles(const uint16_t* W, int64_t KP, const uint32_t* x, int64_t M, const fl
            int64_t N, c10::BFloat16* y) {
   int64_t t = t0;
   if (M <= 2) {
-    for (; t + 2 * NT <= t1; t += 2 * NT) rows_for_tiles<2 * NT>(W + t * KP * 32, KP, x, M, bias, t * TILE, N, y);
+    for (; t + 2 * NT <= t1; t += 2 * NT)
+      rows_for_tiles<2 * NT>(W + t * KP * 32, KP, x, M, bias, t * TILE, N, y, nullptr);
   }
-  for (; t + NT <= t1; t += NT) rows_for_tiles<NT>(W + t * KP * 32, KP, x, M, bias, t * TILE, N, y);
-  for (; t < t1; ++t) rows_for_tiles<1>(W + t * KP * 32, KP, x, M, bias, t * TILE, N, y);
+  for (; t + NT <= t1; t += NT) {
+    const uint16_t* next = t + 2 * NT <= t1 ? W + (t + NT) * KP * 32 : nullptr;
+    rows_for_tiles<NT>(W + t * KP * 32, KP, x, M, bias, t * TILE, N, y, next);
+  }
+  for (; t < t1; ++t) rows_for_tiles<1>(W + t * KP * 32, KP, x, M, bias, t * TILE, N, y, nullptr);
 }
 
 #else
