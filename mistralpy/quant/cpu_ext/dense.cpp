@@ -18,6 +18,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "simd.h"
+
 #include "kernels.h"
 
 #include <algorithm>
@@ -175,12 +177,7 @@ std::string dense_isa() {
 #endif
 }
 
-at::Tensor dense_isa_code(const at::Tensor& like) {
-  const std::string s = dense_isa();
-  at::Tensor t = at::empty({static_cast<int64_t>(s.size())}, like.options().dtype(at::kByte));
-  std::memcpy(t.data_ptr<uint8_t>(), s.data(), s.size());
-  return t;
-}
+at::Tensor dense_isa_code(const at::Tensor& like) { return mistralpy_simd::string_tensor(dense_isa(), like); }
 
 }  // namespace
 

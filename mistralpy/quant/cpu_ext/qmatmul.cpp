@@ -15,6 +15,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "simd.h"
+
 #include "kernels.h"
 
 #include <algorithm>
@@ -306,12 +308,7 @@ std::string isa() {
 #endif
 }
 
-at::Tensor isa_code(const at::Tensor& like) {
-  const std::string s = isa();
-  at::Tensor t = at::empty({static_cast<int64_t>(s.size())}, like.options().dtype(at::kByte));
-  std::memcpy(t.data_ptr<uint8_t>(), s.data(), s.size());
-  return t;
-}
+at::Tensor isa_code(const at::Tensor& like) { return mistralpy_simd::string_tensor(isa(), like); }
 
 }  // namespace
 
