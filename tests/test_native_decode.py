@@ -54,7 +54,8 @@ def _run(path, prompts, monkeypatch, native: bool, isq: str | None, max_tokens: 
 
             nat._op = counted
             if shrink_rope:  # positions past the tables: the native path must grow them first
-                nat.rope._build(4, nat.rope._cos.device)
+                for rope in nat.ropes:
+                    rope._build(4, rope._cos.device)
         out = engine.generate(prompts, sp)
         tokens = [r.outputs[0].token_ids for r in out]
     return tokens, steps, nat, sizes
@@ -91,7 +92,7 @@ def test_dense_bf16_matches_eager(checkpoints, monkeypatch, batch):
         pytest.skip("dense bf16 kernel needs AVX512-BF16")
     nat, sizes = _check_equal(checkpoints("llama"), PROMPTS[:batch], monkeypatch)
     assert max(sizes) == batch  # the whole batch decoded natively at least once
-    assert all(f == 0 for f in nat._args[3])  # every linear dense
+    assert all(f == 0 for f in nat.args["formats"])  # every linear dense
 
 
 @pytest.mark.parametrize("isq, sizes", [("Q4_0", SIZES), ("Q8_0", SIZES), ("Q4K", SIZES_K)])
@@ -101,7 +102,7 @@ def test_isq_matches_eager(checkpoints, monkeypatch, isq, sizes, batch):
         pytest.skip("qmm kernels need AVX512-VNNI")
     nat, ran = _check_equal(checkpoints("llama", sizes), PROMPTS[:batch], monkeypatch, isq=isq)
     assert max(ran) == batch
-    assert all(f >= 4 for f in nat._args[3])  # every linear a qmm kernel
+    assert all(f >= 4 for f in nat.args["formats"])  # every linear a qmm kernel
 
 
 @pytest.mark.parametrize("variant, isq", [("qwen2", None), ("qwen2", "Q8_0"), ("qwen3", None), ("qwen3", "Q4_0"),
@@ -114,9 +115,9 @@ def test_families_match_eager(checkpoints, monkeypatch, variant, isq):
         sizes = {"hidden_size": 128, "intermediate_size": 256}  # its own 8 heads of 32, o/MLP biases
     nat, _ = _check_equal(checkpoints(variant, sizes), PROMPTS[:3], monkeypatch, isq=isq)
     if variant == "qwen3":
-        assert len(nat._args[0]) == 4 * nat.num_layers  # q/k norms passed
+        assert len(nat.args["norms"]) == 4 * nat.num_layers and nat.qk_norm  # q/k norms passed
     if variant in ("qwen2", "llama_gqa4_headdim"):
-        assert nat._args[2][0] is not None  # qkv bias passed
+        assert nat.args["biases"][0] is not None  # qkv bias passed
 
 
 def test_sliding_window_past_window(checkpoints, monkeypatch):
@@ -124,7 +125,7 @@ def test_sliding_window_past_window(checkpoints, monkeypatch):
         pytest.skip("dense bf16 kernel needs AVX512-BF16")
     path = checkpoints("mistral_swa", dict(SIZES, sliding_window=8))
     nat, _ = _check_equal(path, [PROMPTS[0], PROMPTS[4], PROMPTS[2]], monkeypatch, max_tokens=20)
-    assert set(nat._args[7]) == {8}
+    assert set(nat.args["windows"]) == {8}
 
 
 def test_rope_tables_grown(checkpoints, monkeypatch):
@@ -160,3 +161,76 @@ def test_compile_leaves_an_eligible_model_native(checkpoints, monkeypatch):
         calls = runner.native.calls
         assert len(engine.generate(PROMPTS[0], sp)[0].outputs[0].token_ids) == 4
         assert runner.native.calls > calls
+
+
+# ---- Gemma: (1 + w) norms, gelu-tanh, Gemma 2 / 3's four norms per layer, per-layer rope tables ----------
+
+GEMMA_SIZES = dict(SIZES, head_dim=32)
+
+
+@pytest.mark.parametrize("isq", [None, "Q4_0", "Q8_0"])
+def test_gemma3_matches_eager(checkpoints, monkeypatch, isq):
+    if not (dense_cpu.available() and qmm_fast()):
+        pytest.skip("needs the AVX-512 kernels")
+    # sliding window 8 with a local and a global layer (two rope tables), decoded past the window
+    nat, ran = _check_equal(checkpoints("gemma3", GEMMA_SIZES), PROMPTS[:3], monkeypatch, isq=isq, max_tokens=16)
+    assert max(ran) == 3
+    assert nat.layout == 1 and nat.qk_norm and len(nat.ropes) == 2 and nat._rope_ids == [0, 1]
+    assert set(nat.args["offsets"]) == {1.0}  # every norm (1 + w)
+    assert nat.args["windows"] == [8, 0] and all(c == 0.0 for c in nat.args["softcaps"])
+    assert all((f == 0) if isq is None else (f >= 4) for f in nat.args["formats"])
+
+
+@pytest.mark.parametrize("variant", ["gemma", "gemma2"])
+def test_gemma_1_2_match_eager(checkpoints, monkeypatch, variant):
+    if not dense_cpu.available():
+        pytest.skip("dense bf16 kernel needs AVX512-BF16")
+    nat, _ = _check_equal(checkpoints(variant, GEMMA_SIZES), PROMPTS[:3], monkeypatch, max_tokens=16)
+    assert nat.layout == (1 if variant == "gemma2" else 0) and not nat.qk_norm
+    if variant == "gemma2":
+        assert all(c > 0 for c in nat.args["softcaps"])  # attention logit soft-capping passed
+
+
+@pytest.mark.parametrize("variant", ["gemma3", "llama"])
+def test_mixed_format_qkv_matches_eager(checkpoints, monkeypatch, variant):
+    """v in Q8_0 beside Q4_0 q / k (as Q4_K_M files keep attn_v): qkv is a ConcatKernel, its parts'
+    outputs concatenated in the op."""
+    if not qmm_fast():
+        pytest.skip("qmm kernels need AVX512-VNNI")
+    from gguf import GGMLQuantizationType as Q
+
+    from mistralpy.layers.linear import ConcatKernel, MergedLinear
+
+    orig = MergedLinear._load_weight
+
+    def v_in_q8(self, param, loaded, shard=None):
+        if len(self.shard_sizes) == 3 and shard == 2 and self.isq is not None:
+            saved, self.isq = self.isq, Q.Q8_0
+            try:
+                return orig(self, param, loaded, shard)
+            finally:
+                self.isq = saved
+        return orig(self, param, loaded, shard)
+
+    monkeypatch.setattr(MergedLinear, "_load_weight", v_in_q8)
+    sizes = GEMMA_SIZES if variant == "gemma3" else SIZES
+    nat, ran = _check_equal(checkpoints(variant, sizes), PROMPTS[:3], monkeypatch, isq="Q4_0")
+    assert max(ran) == 3
+    assert nat.args["parts"][0::4] == [3] * nat.num_layers  # every qkv in three parts
+    assert type(nat.inner.layers[0].self_attn.qkv_proj.qkernel) is ConcatKernel
+
+
+def test_gemma3_270m_gguf_matches_eager(monkeypatch):
+    """The real Gemma-3-270M Q4_K_M file (half its layers keep attn_v in Q8_0 beside Q5_0 q / k):
+    a short chat prompt, 8 greedy tokens, every step's logits equal."""
+    from assets import gemma3_270m_gguf_path
+
+    if not qmm_fast():
+        pytest.skip("qmm kernels need AVX512-VNNI")
+    path = gemma3_270m_gguf_path()
+    # the base model's file has no chat template: Gemma's turn markup written out
+    chat = "<start_of_turn>user\nName three colours.<end_of_turn>\n<start_of_turn>model\n"
+    nat, ran = _check_equal(path, [chat], monkeypatch, max_tokens=8)
+    assert len(ran) == 7  # every decode step after the prefill
+    assert any(p > 1 for p in nat.args["parts"])  # some merged linears of mixed formats (Q5_0 q / k, Q8_0 v)
+    assert -1 in nat.args["formats"]  # Q6_K down_proj: Int4PlaneKernel parts
