@@ -7,10 +7,14 @@ the kernel calls the eager path makes (RMSNorm, qmm or dense products, RoPE, pag
 gated activation, torch's residual adds), so its output is bitwise the eager one.
 
 ``NativeDecode.install(model)`` takes the place of ``model.model.decode_layers`` when the model
-qualifies (checked once: Llama-family layers with their stock forwards, bf16, every linear a single
-``CpuQMatmulKernel`` or a dense pair-tiled weight, full-head standard RoPE shared by all layers, no
-logit softcap, the torch_ref backend with the C++ paged op); it then serves steps whose rows are
-all decode rows and hands every other step to the original eager ``decode_layers``. The per-layer
+qualifies (checked once: Llama-family or Gemma 1/2/3 layers with their stock forwards (exact classes'
+forwards; Gemma's (1 + w) norms, its four norms per layer from Gemma 2 on, q/k norms, attention
+soft-capping), bf16, a gated MLP with a fused activation, every linear a ``CpuQMatmulKernel``, an
+``Int4PlaneKernel`` (Q6_K and the other plane formats; steps of 128+ rows stay eager, where it takes
+another product), a ``ConcatKernel`` of those (merged shards of mixed formats) or a dense pair-tiled
+weight, full-head standard RoPE (one table per distinct ``RotaryEmbedding``: Gemma 3's local and
+global layers differ), the torch_ref backend with the C++ paged op); it then serves steps whose rows
+are all decode rows and hands every other step to the original eager ``decode_layers``. The per-layer
 tensors and sizes are gathered once, here. ``MISTRALPY_NATIVE_DECODE=0`` turns it off
 (worker/model_runner.py); where it is installed, ``compile=True`` does not compile (this is faster).
 """
