@@ -191,6 +191,18 @@ def test_gemma_1_2_match_eager(checkpoints, monkeypatch, variant):
         assert all(c > 0 for c in nat.args["softcaps"])  # attention logit soft-capping passed
 
 
+@pytest.mark.parametrize("batch", [3, 130])
+def test_int4_plane_kernels_match_eager(checkpoints, monkeypatch, batch):
+    """ISQ Q6K: every linear an Int4PlaneKernel (aten's int4 product); a step of 128+ rows, where that
+    kernel takes another product, stays eager."""
+    if not qmm_fast():
+        pytest.skip("qmm kernels need AVX512-VNNI")
+    prompts = [PROMPTS[i % 16][: 3 + i % 5] for i in range(batch)]
+    nat, ran = _check_equal(checkpoints("llama", SIZES_K), prompts, monkeypatch, isq="Q6K", max_tokens=4)
+    assert set(nat.args["formats"]) == {-1}
+    assert max(ran) == batch if batch < 128 else max(ran) < 128
+
+
 @pytest.mark.parametrize("variant", ["gemma3", "llama"])
 def test_mixed_format_qkv_matches_eager(checkpoints, monkeypatch, variant):
     """v in Q8_0 beside Q4_0 q / k (as Q4_K_M files keep attn_v): qkv is a ConcatKernel, its parts'
