@@ -36,7 +36,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     e = p.add_argument_group("engine")
     e.add_argument("--compile", action="store_true",
                    help="torch.compile decode steps of models the native C++ decode loop does not run "
-                        "(Gemma, Phi, MoE, float32): faster decoding there; compiled by a warm-up at "
+                        "(Phi, MoE, float32, ...): faster decoding there; compiled by a warm-up at "
                         "start-up (~10-25 s on 2 cores, a few s once cached on disk)")
     e.add_argument("--max-seqs", type=int, default=32, help="max sequences running at once (default: 32)")
     e.add_argument("--max-num-batched-tokens", type=int, default=512,
