@@ -28,7 +28,6 @@ from mistralpy.layers.rotary import get_rope
 from mistralpy.quant import cpu_ext
 
 pytestmark = pytest.mark.skipif(not cpu_fused.available(), reason="CPU extension could not be built")
-PORTABLE = "mistralpy_cpu_fused_portable"
 ACTS = [F.silu, gelu_tanh, F.gelu, F.relu]
 HALF = (torch.bfloat16, torch.float16)
 
@@ -295,14 +294,9 @@ def test_compile_traces_the_torch_path_and_the_fakes_work():
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
-def test_portable_build_matches():
+def test_portable_build_matches(portable_ops):
     """The scalar code path (a CPU without AVX-512) against the native one."""
-    try:
-        if PORTABLE not in cpu_ext._loaded:
-            cpu_ext.load_namespace(PORTABLE, "x86-64")
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"portable build failed: {exc}")
-    port, native = getattr(torch.ops, PORTABLE), getattr(torch.ops, cpu_ext.NAMESPACE)
+    port, native = portable_ops, getattr(torch.ops, cpu_ext.NAMESPACE)
     assert bytes(port.fused_isa(torch.empty(0)).tolist()) == b"scalar"
     torch.manual_seed(4)
     for dtype in (torch.bfloat16, torch.float32, torch.float16):

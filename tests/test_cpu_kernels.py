@@ -25,7 +25,6 @@ from mistralpy.quant.gguf_kernels_cpu import CPU_EXT_TYPES, CpuQMatmulKernel, en
 from tests.test_gguf_dequant import _random_raw
 
 TYPES = sorted(CPU_EXT_TYPES, key=int)
-PORTABLE = "mistralpy_cpu_portable"
 
 needs_ext = pytest.mark.skipif(not gguf_kernels_cpu.available(), reason="CPU extension could not be built")
 
@@ -154,14 +153,10 @@ def test_build_failure_is_reported_not_raised(monkeypatch, tmp_path, caplog):
 
 
 @needs_ext
-def test_portable_build_matches():
+def test_portable_build_matches(portable_ops):
     """The scalar code path (what a CPU without AVX512-VNNI builds) against the native one."""
-    try:
-        cpu_ext.load_namespace(PORTABLE, "x86-64")
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"portable build failed: {exc}")
-    assert cpu_ext.isa(PORTABLE) == "scalar"
-    op = getattr(torch.ops, PORTABLE).qmm
+    assert bytes(portable_ops.isa(torch.empty(0)).tolist()).decode() == "scalar"
+    op = portable_ops.qmm
     for qtype in (Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q5_0, Q.Q5_K):
         n, k = 40, _k(qtype)
         kern = CpuQMatmulKernel(_raw(qtype, n, k, seed=3), qtype, n, k, torch.float32)

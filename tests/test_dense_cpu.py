@@ -15,10 +15,8 @@ from mistralpy import Engine, SamplingParams
 from mistralpy.layers import dense_cpu
 from mistralpy.layers.linear import Linear
 from mistralpy.layers.matmul import linear, prepack_linear_weights, unpacked
-from mistralpy.quant import cpu_ext
 
 needs_dense = pytest.mark.skipif(not dense_cpu.available(), reason="no AVX512-BF16 build of the CPU extension")
-PORTABLE = "mistralpy_cpu_portable"
 
 
 def _check_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> None:
@@ -96,13 +94,9 @@ def test_traced_by_torch_compile():
 
 
 @needs_dense
-def test_portable_build_matches():
+def test_portable_build_matches(portable_ops):
     """The scalar path (a CPU without AVX512-BF16): same sums in plain float math."""
-    try:
-        cpu_ext.load_namespace(PORTABLE, "x86-64")
-    except Exception as exc:  # noqa: BLE001
-        pytest.skip(f"portable build failed: {exc}")
-    op = getattr(torch.ops, PORTABLE)
+    op = portable_ops
     assert bytes(op.dense_isa(torch.empty(0)).tolist()).decode() == "scalar"
     torch.manual_seed(5)
     w, x, b = torch.randn(48, 96, dtype=torch.bfloat16), torch.randn(9, 96, dtype=torch.bfloat16), torch.randn(48)

@@ -20,11 +20,9 @@ import torch
 from mistralpy.attention import cpu_paged
 from mistralpy.attention.backend import AttentionSpec
 from mistralpy.attention.torch_ref import TorchRefBackend, TorchRefMetadata
-from mistralpy.quant import cpu_ext
 from mistralpy.worker.forward_batch import ForwardBatch
 
 needs_ext = pytest.mark.skipif(not cpu_paged.available(), reason="CPU extension could not be built")
-PORTABLE = "mistralpy_cpu_portable"   # shared with tests/test_cpu_kernels.py (one build)
 EPS = {torch.float32: 2e-5, torch.bfloat16: 2 ** -8 + 2e-5, torch.float16: 2 ** -11 + 2e-5}
 
 
@@ -257,14 +255,9 @@ def test_compiled_call_keeps_cache_write():
 
 
 @needs_ext
-def test_portable_build_matches():
+def test_portable_build_matches(portable_ops):
     """The scalar path (-march=x86-64) against the oracle, odd head dims (80, 72: vector tails)."""
-    if PORTABLE not in cpu_ext._loaded:
-        try:
-            cpu_ext.load_namespace(PORTABLE, "x86-64")
-        except Exception as exc:  # noqa: BLE001
-            pytest.skip(f"portable build failed: {exc}")
-    op = getattr(torch.ops, PORTABLE).paged_decode.default
+    op = portable_ops.paged_decode.default
     for dtype, d in ((torch.float32, 80), (torch.bfloat16, 72), (torch.float16, 64)):
         c = _case(23, [1, 40, 77], hk=2, group=3, d=d, dtype=dtype, cache_dtype=dtype, bs=16)
         _check(c, AttentionSpec(scale=0.1, sliding_window=30, logit_softcap=4.0), op=op)
