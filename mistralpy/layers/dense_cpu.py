@@ -2,9 +2,9 @@
 
 Weights are re-laid once after loading into "pair tiles" ([N/16, K/2, 16, 2], see dense.cpp), the
 layout the AVX512-BF16 dot-product instruction reads directly. Measured on a Zen 4 (2 threads,
-SmolLM2-135M's 120 layer weights, cycled so they come from memory): one decode row 7.1 ms against
-oneDNN's prepacked 11.0 ms (30 against 19 GB/s), equal from 16 rows up to prefill sizes (256 rows:
-both ~88% of the bf16 peak). A packed weight is a 4-D bf16 tensor; ``layers.matmul.linear`` knows it.
+SmolLM2-135M's 120 layer weights, cycled so they come from memory): one decode row ~7 ms against
+oneDNN's prepacked 11 ms (30 against 19 GB/s), 16 rows 12.5 ms against 14.5 or more, prefill
+sizes about equal (256 rows: both near the bf16 dot-product peak). A packed weight is a 4-D bf16 tensor; ``layers.matmul.linear`` knows it.
 """
 from __future__ import annotations
 
