@@ -11,8 +11,8 @@
 //
 // Summation order of an output: one float32 accumulator over the pairs in order. It does not
 // depend on the number of rows in the call or on the thread split, so a request gets the same
-// numbers alone and inside any batch. The micro-kernel takes 6 rows x 4 tiles (24 accumulators):
-// one 64-byte weight load feeds 6 dot products, one broadcast of x feeds 4.
+// numbers alone and inside any batch. The micro-kernel takes 8 rows x 3 tiles (24 accumulators):
+// one 64-byte weight load feeds 8 dot products, one broadcast of x feeds 3.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -34,8 +34,8 @@
 namespace {
 
 constexpr int64_t TILE = 16;
-constexpr int MR = 6;  // rows of x per micro-kernel call
-constexpr int NT = 4;  // tiles per micro-kernel call: MR * NT = 24 accumulators, 10 loads per 24 dot products
+constexpr int MR = 8;  // rows of x per micro-kernel call
+constexpr int NT = 3;  // tiles per micro-kernel call: MR * NT = 24 accumulators, 11 loads per 24 dot products
 
 inline float bf16_to_float(uint16_t v) {
   uint32_t bits = static_cast<uint32_t>(v) << 16;
@@ -93,11 +93,13 @@ void rows_for_tiles(const uint16_t* w, int64_t KP, const uint32_t* x, int64_t M,
     case 3: micro<3, T>(w, KP, x, bias, n0, N, y, m0, next); break;
     case 4: micro<4, T>(w, KP, x, bias, n0, N, y, m0, next); break;
     case 5: micro<5, T>(w, KP, x, bias, n0, N, y, m0, next); break;
+    case 6: micro<6, T>(w, KP, x, bias, n0, N, y, m0, next); break;
+    case 7: micro<7, T>(w, KP, x, bias, n0, N, y, m0, next); break;
     default: break;
   }
 }
 
-// Tiles [t0, t1) for all rows of x: groups of NT tiles (8 for one or two rows, where the product
+// Tiles [t0, t1) for all rows of x: groups of NT tiles (2 NT for one or two rows, where the product
 // is a stream of weights and more independent accumulators hide the dot-product latency), then
 // single tiles.
 void tiles(const uint16_t* W, int64_t KP, const uint32_t* x, int64_t M, const float* bias, int64_t t0, int64_t t1,
@@ -160,7 +162,7 @@ at::Tensor dense_mm(const at::Tensor& x, const at::Tensor& w, int64_t n, const c
   const auto* W = reinterpret_cast<const uint16_t*>(w.data_ptr());
   const auto* X = reinterpret_cast<const uint32_t*>(x.data_ptr());
   auto* Y = y.data_ptr<c10::BFloat16>();
-  // Tasks of whole 8-tile groups, each streaming at least ~256 KB of weights.
+  // Tasks of whole groups of 2 NT tiles, each task streaming at least ~256 KB of weights.
   const int64_t groups = (NTILES + 2 * NT - 1) / (2 * NT);
   const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, KP));
   at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
