@@ -91,7 +91,7 @@ def build(namespace: str = NAMESPACE, march: str = "native") -> Path:
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
     libs = [*(f"-L{p}" for p in cpp_extension.library_paths()),
             *(f"-Wl,-rpath,{p}" for p in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu", "-ltorch"]
-    log.info("building the CPU kernel extension (once per machine, ~30-60 s) ...")
+    log.info("building the CPU kernel extension with g++ (once per machine, ~20-60 s) ...")
     with tempfile.TemporaryDirectory(dir=out.parent) as objdir:
         try:
             objs = _compile_objects(cxx, _flags(namespace, march), includes, Path(objdir))
@@ -160,17 +160,17 @@ def load() -> bool:
         if "ok" not in _state:
             ok = False
             if os.environ.get("MISTRALPY_CPU_EXT", "1") == "0":
-                log.info("CPU quantized-matmul extension disabled by MISTRALPY_CPU_EXT=0")
+                log.debug("CPU kernel extension disabled by MISTRALPY_CPU_EXT=0")
             elif platform.machine() not in ("x86_64", "AMD64"):
-                log.info("CPU quantized-matmul extension: x86-64 only, using torch kernels")
+                log.debug("CPU kernel extension: x86-64 only, using torch kernels")
             else:
                 try:
                     load_namespace(NAMESPACE, "native")
                     ok = True
-                    log.info("CPU quantized-matmul extension loaded (%s)", isa())
+                    log.debug("CPU kernel extension loaded (%s)", isa())
                 except Exception as exc:  # noqa: BLE001  (any build/load failure: torch's kernels stay in use)
                     msg = str(exc).strip().splitlines()
-                    log.warning("CPU quantized-matmul extension unavailable, using torch kernels: %s",
+                    log.warning("CPU kernel extension unavailable, using torch kernels: %s",
                                 msg[-1] if msg else type(exc).__name__)
             _state["ok"] = ok
     return _state["ok"]
