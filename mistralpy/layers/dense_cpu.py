@@ -21,7 +21,7 @@ def available() -> bool:
 
         ok = cpu_ext.load()
         if ok:
-            ok = bytes(torch.ops.mistralpy_cpu.dense_isa(torch.empty(0)).tolist()).decode() == "avx512bf16"
+            ok = cpu_ext.isa(op="dense_isa") == "avx512bf16"
             cpu_ext.register_fakes(_register_fake)
         _state["ok"] = ok
     return _state["ok"]

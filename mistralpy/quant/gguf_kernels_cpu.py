@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
 
+from mistralpy.quant import cpu_ext
 from mistralpy.quant.gguf_dequant import IQ4NL_VALUES, _bits, _f16, _k_scale_min, _nibbles, _q5_high
 
 __all__ = ["CPU_EXT_TYPES", "CpuQMatmulKernel", "available", "encode_affine", "fast"]
@@ -132,10 +133,18 @@ def encode_affine(raw: torch.Tensor, qtype: Q, out_features: int, in_features: i
 _state: dict[str, bool] = {}
 
 
+def _register_fake(namespace: str) -> None:
+    @torch.library.register_fake(f"{namespace}::qmm")
+    def _(x, w, fmt, n):
+        return x.new_empty(x.shape[0], n)
+
+
+cpu_ext.register_fakes(_register_fake)
+
+
 def available() -> bool:
     """True when the C++ extension is built and loaded (built on the first call)."""
     if "ok" not in _state:
-        from mistralpy.quant import cpu_ext
         _state["ok"] = cpu_ext.load()
     return _state["ok"]
 
@@ -144,7 +153,6 @@ def fast() -> bool:
     """True when the extension is loaded *and* took its AVX512-VNNI path (the only one faster than
     torch's int4 kernel; the portable build exists for tests and other CPUs' correctness)."""
     if "fast" not in _state:
-        from mistralpy.quant import cpu_ext
         _state["fast"] = available() and cpu_ext.isa() == "avx512vnni"
         if available() and not _state["fast"]:
             log.info("CPU quantized-matmul extension built without AVX512-VNNI: using torch's int4 kernels")

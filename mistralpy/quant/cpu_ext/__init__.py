@@ -13,8 +13,8 @@ compiler, a build error) it logs one warning and returns False: callers keep tor
 sources that call other ops' bodies directly; headers are hashed with the sources).
 
 Registers ``torch.ops.mistralpy_cpu.qmm(x [M, K], w uint8, fmt, n) -> y [M, n]`` (weight formats:
-``qmatmul.cpp``'s header) with a fake implementation, so torch.compile traces it as one op, and
-``torch.ops.mistralpy_cpu.isa`` (which SIMD path the build took). Each source registers its ops
+``qmatmul.cpp``'s header; its fake implementation is in ``quant/gguf_kernels_cpu.py``), so
+torch.compile traces it as one op, and ``torch.ops.mistralpy_cpu.isa`` (which SIMD path the build took). Each source registers its ops
 with ``TORCH_LIBRARY_FRAGMENT`` (one library, many files); the Python module that wraps a source's
 ops registers their fake implementations through ``register_fakes``.
 """
@@ -137,16 +137,9 @@ def register_fakes(hook) -> None:
         hook(namespace)
 
 
-def _register_fake(namespace: str) -> None:
-    @torch.library.register_fake(f"{namespace}::qmm")
-    def _(x, w, fmt, n):
-        return x.new_empty(x.shape[0], n)
-
-
 def load_namespace(namespace: str, march: str) -> None:
     """Build and load one variant (tests load a portable ``-march=x86-64`` one beside the native one)."""
     torch.ops.load_library(str(build(namespace, march)))
-    _register_fake(namespace)
     _loaded.append(namespace)
     for hook in _fake_hooks:
         hook(namespace)
@@ -176,7 +169,7 @@ def load() -> bool:
     return _state["ok"]
 
 
-def isa(namespace: str = NAMESPACE) -> str:
-    """The SIMD path the build took: avx512vnni or scalar."""
-    op = getattr(torch.ops, namespace).isa
-    return bytes(op(torch.empty(0)).tolist()).decode()
+def isa(namespace: str = NAMESPACE, op: str = "isa") -> str:
+    """The SIMD path a source of the build took, as its ``op`` reports it: ``isa`` (qmatmul.cpp:
+    avx512vnni or scalar), ``dense_isa`` (avx512bf16 or scalar), ``fused_isa`` (avx512 or scalar)."""
+    return bytes(getattr(getattr(torch.ops, namespace), op)(torch.empty(0)).tolist()).decode()
