@@ -16,6 +16,7 @@ from mistralpy.config import (
     derive_max_model_len,
     read_json,
     resolve_device,
+    cpu_supports_bf16,
     resolve_dtype,
 )
 from mistralpy.engine.core import EngineCore
@@ -98,6 +99,27 @@ def resolve_gguf(model: str, opts: EngineOptions) -> Path | None:
     return None
 
 
+def resolve_gguf_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    """Block-quantized weights have no float dtype of their own. ``auto`` on CPU computes in bf16
+    where the C++ kernels have a SIMD path (AVX512 or AVX2: every product is an int8 dot there and
+    every other decode op widens bf16 to f32 in registers), else where bf16 is native, else f32."""
+    if dtype == "auto" and device.type == "cpu":
+        from mistralpy.quant import gguf_kernels_cpu
+
+        chosen = torch.bfloat16 if gguf_kernels_cpu.fast() or cpu_supports_bf16() else torch.float32
+        log.info("GGUF compute dtype: %s (CPU kernels: %s)", str(chosen).removeprefix("torch."),
+                 cpu_ext_summary())
+        return chosen
+    return resolve_dtype(dtype, device, "bfloat16")
+
+
+def cpu_ext_summary() -> str:
+    from mistralpy.quant import cpu_ext
+
+    variant = cpu_ext.loaded_variant()
+    return f"{variant} variant, qmm {cpu_ext.isa()}" if variant else "unavailable"
+
+
 def build_gguf_model_config(path: Path, opts: EngineOptions) -> tuple[ModelConfig, Tokenizer]:
     files = split_files(path)
     readers = open_readers(files)
@@ -107,8 +129,7 @@ def build_gguf_model_config(path: Path, opts: EngineOptions) -> tuple[ModelConfi
     apply_rope_freq_factors(hf_config, readers)
     arch = resolve_architecture(hf_config, opts.arch)
     device = resolve_device(opts.device)
-    # Block-quantized weights have no float dtype of their own: compute in bf16 where it is native.
-    dtype = resolve_dtype(opts.dtype, device, "bfloat16")
+    dtype = resolve_gguf_dtype(opts.dtype, device)
     model_config = ModelConfig(path=path, hf_config=hf_config, architecture=arch, dtype=dtype,
                                max_model_len=derive_max_model_len(hf_config, opts.max_model_len),
                                gguf_files=files, gguf_readers=readers)
@@ -151,7 +172,10 @@ def build_core(model: str, opts: EngineOptions) -> tuple[EngineCore, Tokenizer, 
     # Families whose published configs leave keys at transformers' defaults fill them in (Gemma 3).
     hf_config = getattr(get_model_class(arch), "complete_config", lambda cfg: cfg)(hf_config)
     device = resolve_device(opts.device)
-    dtype = resolve_dtype(opts.dtype, device, checkpoint_dtype(Path(model_dir), hf_config))
+    if isq is not None and device.type == "cpu" and opts.dtype == "auto":
+        dtype = resolve_gguf_dtype(opts.dtype, device)   # ISQ runs on the GGUF kernels
+    else:
+        dtype = resolve_dtype(opts.dtype, device, checkpoint_dtype(Path(model_dir), hf_config))
     text_cfg = hf_config.get("text_config") or hf_config
     model_config = ModelConfig(path=Path(model_dir), hf_config=hf_config, architecture=arch, dtype=dtype,
                                max_model_len=derive_max_model_len(text_cfg, opts.max_model_len),

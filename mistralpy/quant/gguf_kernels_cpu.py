@@ -32,7 +32,7 @@ __all__ = ["CPU_EXT_TYPES", "CpuQMatmulKernel", "available", "encode_affine", "f
 log = logging.getLogger(__name__)
 
 GROUP = 32
-_FOUR_BIT = frozenset({Q.Q4_0, Q.Q4_1, Q.Q4_K})
+_FOUR_BIT = frozenset({Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q2_K, Q.Q3_K})
 _CHUNK_ELEMS = 1 << 22
 
 
@@ -41,13 +41,33 @@ def _iq4(nib: torch.Tensor) -> torch.Tensor:
     return table[nib.long()].to(torch.uint8)
 
 
-def _aff(u: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return u.reshape(-1, GROUP).to(torch.uint8), d.reshape(-1), m.reshape(-1)
+def _aff(u: torch.Tensor, d: torch.Tensor, m: torch.Tensor, halves: int = 1
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return u.reshape(-1, GROUP).to(torch.uint8), d.reshape(-1, halves), m.reshape(-1, halves)
 
 
 def _enc(b: torch.Tensor, qtype: Q) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Blocks [n, type_size] -> u uint8 [G, 32], d f32 [G], m f32 [G] with w = u * d + m exactly."""
+    """Blocks [n, type_size] -> u uint8 [B, 32], d f32 [B, g], m f32 [B, g] with w = u * d + m exactly
+    per group (g = 1: the whole 32-value block; g = 2: each half, the K-quants' 16-value sub-blocks)."""
     n = b.shape[0]
+    if qtype == Q.Q2_K:   # w = d sc_lo q - dmin sc_hi, q in 0..3
+        sc, d, dmin = b[:, :16], _f16(b[:, 80:82]), _f16(b[:, 82:84])
+        dl = d * (sc & 0x0F).to(torch.float32)
+        return _aff(_bits(b[:, 16:80], 2, 32), dl, -dmin * (sc >> 4).to(torch.float32), 2)
+    if qtype == Q.Q3_K:   # w = d (sc - 32) (q - 4), q = low 2 bits | high bit << 2 in 0..7
+        d, sc = _f16(b[:, 108:110]), b[:, 96:108]
+        scales = ((_nibbles(sc[:, :8], 8) | (_bits(sc[:, 8:], 2, 4) << 4)).to(torch.int8) - 32).to(torch.float32)
+        u = _bits(b[:, 32:96], 2, 32) | (_bits(b[:, :32], 1, 32) << 2)
+        dl = d * scales
+        return _aff(u, dl, -4 * dl, 2)
+    if qtype == Q.Q6_K:   # w = d sc (q - 32), q in 0..63
+        d = _f16(b[:, 208:210])
+        dl = d * b[:, 192:208].contiguous().view(torch.int8).to(torch.float32)
+        u = _nibbles(b[:, :128], 64) | (_bits(b[:, 128:192], 2, 32) << 4)
+        return _aff(u, dl, -32 * dl, 2)
+    if qtype == Q.Q8_K:   # an f32 d per 256 values
+        d = b[:, :4].contiguous().view(torch.float32).expand(n, 8)
+        return _aff(b[:, 4:260].contiguous().view(torch.int8).to(torch.int16) + 128, d, -128 * d)
     if qtype == Q.Q4_0:
         d = _f16(b[:, :2])
         return _aff(_nibbles(b[:, 2:], 16), d, -8 * d)
@@ -83,7 +103,8 @@ def _enc(b: torch.Tensor, qtype: Q) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 CPU_EXT_TYPES: frozenset[Q] = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.IQ4_NL, Q.IQ4_XS, Q.Q4_K,
-                                         Q.Q5_K})
+                                         Q.Q5_K, Q.Q2_K, Q.Q3_K, Q.Q6_K, Q.Q8_K})
+_TWO_GROUP = frozenset({Q.Q2_K, Q.Q3_K, Q.Q6_K})   # 16-value sub-blocks: two (d, m) per 32 values
 
 
 def _exact_f16(t: torch.Tensor) -> bool:
@@ -98,18 +119,23 @@ _FIVE_BIT = frozenset({Q.Q5_0, Q.Q5_1, Q.Q5_K})
 
 
 def _bits_of(fmt: int) -> int:
-    return {4: 4, 6: 8, 8: 5}[fmt & ~1]
+    return {4: 4, 6: 8, 8: 5}[fmt & 14]
+
+
+def _groups_of(fmt: int) -> int:
+    return 2 if fmt & 16 else 1
 
 
 def encode_affine(raw: torch.Tensor, qtype: Q, out_features: int, in_features: int) -> tuple[torch.Tensor, int]:
     """raw uint8 [N, row_bytes] GGUF rows -> (tiled uint8 [ceil(N / 16), K / 32, tile_bytes], fmt) for
-    ``qmm``: fmt = 4 (4-bit u), 6 (8-bit) or 8 (5-bit), + 1 for f32 scales."""
+    ``qmm``: fmt = 4 (4-bit u), 6 (8-bit) or 8 (5-bit), + 1 for f32 scales, + 16 for two groups a block."""
     from mistralpy.quant.gguf_dequant import BLOCK_SIZES
 
     ts = BLOCK_SIZES[qtype][1]
     u, d, m = _enc(raw.reshape(-1, ts), qtype)
     bits = 4 if qtype in _FOUR_BIT else 5 if qtype in _FIVE_BIT else 8
-    f16 = _exact_f16(d) and _exact_f16(m)
+    groups = d.shape[1]
+    f16 = groups == 1 and _exact_f16(d) and _exact_f16(m)   # qmm's two-group formats are f32 only
     sdt = torch.float16 if f16 else torch.float32
     nb = in_features // GROUP
     tiles = -(-out_features // _TILE)
@@ -124,10 +150,11 @@ def encode_affine(raw: torch.Tensor, qtype: Q, out_features: int, in_features: i
         u = u[:, :, :4] | (u[:, :, 4:] << 4)
     if bits == 5:
         u = torch.cat((u.reshape(tiles, nb, -1), hi.reshape(tiles, nb, -1)), dim=2)
-    sc = [F.pad(v.reshape(out_features, nb), (0, 0, 0, pad)).reshape(tiles, _TILE, nb).transpose(1, 2)
-          .to(sdt).contiguous().view(torch.uint8) for v in (d, m)]  # [T, nb, 16 * sb]
+    sc = [F.pad(v.reshape(out_features, nb * groups), (0, 0, 0, pad)).reshape(tiles, _TILE, nb, groups)
+          .permute(0, 2, 3, 1).reshape(tiles, nb, groups * _TILE)
+          .to(sdt).contiguous().view(torch.uint8) for v in (d, m)]  # [T, nb, groups * 16 * sb]: [g][row]
     packed = torch.cat((*sc, u.reshape(tiles, nb, -1)), dim=2).contiguous()
-    return packed, {4: 4, 8: 6, 5: 8}[bits] + (not f16)
+    return packed, {4: 4, 8: 6, 5: 8}[bits] + (not f16) + 16 * (groups == 2)
 
 
 _state: dict[str, bool] = {}
@@ -150,12 +177,13 @@ def available() -> bool:
 
 
 def fast() -> bool:
-    """True when the extension is loaded *and* took its AVX512-VNNI path (the only one faster than
-    torch's int4 kernel; the portable build exists for tests and other CPUs' correctness)."""
+    """True when the extension is loaded and took a SIMD path (AVX512-VNNI or AVX2): then it is the
+    fastest kernel for every type it covers. The scalar build (plain x86-64, aarch64) is correct but
+    slower than torch's int4 kernel, so GGUF weights there take ``gguf_kernels.Int4PlaneKernel``."""
     if "fast" not in _state:
-        _state["fast"] = available() and cpu_ext.isa() == "avx512vnni"
+        _state["fast"] = available() and cpu_ext.isa() in ("avx512vnni", "avx2")
         if available() and not _state["fast"]:
-            log.info("CPU quantized-matmul extension built without AVX512-VNNI: using torch's int4 kernels")
+            log.info("CPU quantized-matmul extension has no SIMD path here: using torch's int4 kernels")
     return _state["fast"]
 
 
@@ -175,9 +203,11 @@ class CpuQMatmulKernel:
         t0, t1 = start // _TILE, -(-stop // _TILE)
         blk = self.packed[t0:t1]                                        # [T, nb, tile_bytes]
         tiles, nb = blk.shape[0], blk.shape[1]
-        sdt, sb = (torch.float32, 64) if self.fmt & 1 else (torch.float16, 32)
-        d = blk[..., :sb].contiguous().view(sdt).float().transpose(1, 2)   # [T, 16, nb]
-        m = blk[..., sb:2 * sb].contiguous().view(sdt).float().transpose(1, 2)
+        g = _groups_of(self.fmt)
+        sdt, sb = (torch.float32, 64 * g) if self.fmt & 1 else (torch.float16, 32)
+        # [T, nb, g, 16] -> [T, 16, nb, g]
+        d = blk[..., :sb].contiguous().view(sdt).float().reshape(tiles, nb, g, _TILE).permute(0, 3, 1, 2)
+        m = blk[..., sb:2 * sb].contiguous().view(sdt).float().reshape(tiles, nb, g, _TILE).permute(0, 3, 1, 2)
         q = blk[..., 2 * sb:]
         bits = _bits_of(self.fmt)
         if bits == 8:
@@ -189,8 +219,11 @@ class CpuQMatmulKernel:
                 masks = blk[..., 2 * sb + 256:].reshape(tiles, nb, 8, 8, 1)
                 hi = (masks >> torch.arange(8, dtype=torch.uint8)) & 1             # [T, nb, 8, 8, 8]
                 q = q | (hi.reshape(tiles, nb, 8, _TILE, 4) << 4)
-        q = q.permute(0, 3, 1, 2, 4).reshape(tiles, _TILE, nb, GROUP)
-        w = q.to(torch.float32).mul_(d.unsqueeze(-1)).add_(m.unsqueeze(-1))
+        q = q.permute(0, 3, 1, 2, 4).reshape(tiles, _TILE, nb, g, GROUP // g)
+        # f32 scales: u * d + m in float64 is exact (<= 32 significant bits), so one rounding to f32
+        # gives the reference's d * q (Q8_K's u * d alone would round in f32 before the offset)
+        wdt = torch.float64 if self.fmt & 1 else torch.float32
+        w = q.to(wdt).mul_(d.unsqueeze(-1).to(wdt)).add_(m.unsqueeze(-1).to(wdt)).to(torch.float32)
         w = w.reshape(tiles * _TILE, self.in_features)[start - t0 * _TILE:stop - t0 * _TILE]
         return w.to(dtype)
 

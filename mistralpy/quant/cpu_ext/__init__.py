@@ -1,22 +1,30 @@
 """The CPU kernel extension (every ``*.cpp`` in this folder): built on first use, cached per machine.
 
-``load()`` compiles the sources once with the system ``g++`` (``-O3 -march=native -fopenmp``,
-torch's headers and libraries; no ninja or setuptools needed; each source is one object, built in
-parallel, ~20-30 s each on a 2-core machine) and links them into
+``load()`` compiles the sources once with the system ``g++`` (``-O3 -fopenmp`` and the ``-march`` of
+one ISA variant, torch's headers and libraries; no ninja or setuptools needed; each source is one
+object, built in parallel, ~20-30 s each on a 2-core machine) and links them into
 ``$MISTRALPY_CACHE/cpu_ext`` (default ``~/.cache/mistralpy/cpu_ext``) and loads it with
 ``torch.ops.load_library``. The file name carries a hash of the source, the flags, the torch and
-Python versions and this CPU's ISA flags, so an edit, an upgrade or another CPU builds a new copy
+Python versions and the variant, so an edit, an upgrade or another variant builds a new copy
 instead of loading a stale or illegal one; a build goes to a temporary name and is renamed into
 place, so concurrent processes never load a half-written library. When anything fails (no
 compiler, a build error) it logs one warning and returns False: callers keep torch's kernels.
 ``MISTRALPY_CPU_EXT=0`` disables it. Sources may share ``kernels.h`` (the ops' C++ entry points, for
 sources that call other ops' bodies directly; headers are hashed with the sources).
 
-Registers ``torch.ops.mistralpy_cpu.qmm(x [M, K], w uint8, fmt, n) -> y [M, n]`` (weight formats:
-``qmatmul.cpp``'s header; its fake implementation is in ``quant/gguf_kernels_cpu.py``), so
-torch.compile traces it as one op, and ``torch.ops.mistralpy_cpu.isa`` (which SIMD path the build took). Each source registers its ops
-with ``TORCH_LIBRARY_FRAGMENT`` (one library, many files); the Python module that wraps a source's
-ops registers their fake implementations through ``register_fakes``.
+ISA variants (``VARIANTS``): ``avx512`` (x86-64-v4 + VNNI, + BF16 where the CPU has it), ``avx2``
+(x86-64-v3: AVX2, FMA, F16C) and ``scalar`` (plain x86-64, or the compiler's default on other
+architectures such as aarch64: the portable code that defines behaviour). The sources pick their
+SIMD paths with ``#if defined(__AVX512...__)`` / ``__AVX2__``, so one source builds every variant.
+``runnable_variants()`` reads the CPU's flags (``/proc/cpuinfo``, as cpuid reports them);
+``load()`` builds the best one the CPU runs into ``mistralpy_cpu``, or the one
+``MISTRALPY_CPU_ISA=avx512|avx2|scalar`` asks for (a variant the CPU cannot run is refused with a
+warning, and the best runnable one below it is used). The tests load every other runnable variant
+beside it (``load_variant``) and run the same checks on each.
+
+Each source registers its ops with ``TORCH_LIBRARY_FRAGMENT`` (one library, many files) and reports
+the SIMD path it took through its ``*isa`` op; the Python module that wraps a source's ops registers
+their fake implementations through ``register_fakes``.
 """
 from __future__ import annotations
 
@@ -60,26 +68,71 @@ def cache_dir() -> Path:
     return Path(root) / "cpu_ext"
 
 
-def _flags(namespace: str, march: str) -> list[str]:
-    return ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", f"-march={march}", f"-DQMM_NS={namespace}",
+VARIANTS = ("avx512", "avx2", "scalar")  # best first
+# CPU flags (as /proc/cpuinfo names them) each x86 variant's code needs.
+_NEEDS = {"avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx2", "fma", "f16c"),
+          "avx2": ("avx2", "fma", "f16c", "bmi2"),
+          "scalar": ()}
+
+
+def _is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def runnable_variants(flags: str | None = None) -> list[str]:
+    """The variants this CPU can execute, best first (only ``scalar`` off x86-64)."""
+    if not _is_x86():
+        return ["scalar"]
+    have = set((flags if flags is not None else _cpu_flags()).split())
+    return [v for v in VARIANTS if all(f in have for f in _NEEDS[v])]
+
+
+def march_flags(variant: str) -> list[str]:
+    """g++ target flags of a variant."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown CPU ISA variant {variant!r} (one of {', '.join(VARIANTS)})")
+    if not _is_x86():
+        return []  # the compiler's default target (aarch64: the portable paths; NEON is baseline there)
+    if variant == "avx512":
+        extra = ["-mavx512bf16"] if "avx512_bf16" in _cpu_flags().split() else []
+        return ["-march=x86-64-v4", "-mavx512vnni", *extra, "-mtune=native"]
+    return ["-march=x86-64-v3" if variant == "avx2" else "-march=x86-64", "-mtune=native"]
+
+
+def selected_variant() -> str:
+    """The variant ``mistralpy_cpu`` is built for: MISTRALPY_CPU_ISA if set and runnable, else the best."""
+    runnable = runnable_variants()
+    want = os.environ.get("MISTRALPY_CPU_ISA", "auto").strip().lower() or "auto"
+    if want == "auto":
+        return runnable[0]
+    if want not in VARIANTS:
+        raise ValueError(f"MISTRALPY_CPU_ISA={want!r}: expected auto, {', '.join(VARIANTS)}")
+    if want in runnable:
+        return want
+    lower = [v for v in VARIANTS[VARIANTS.index(want):] if v in runnable]
+    log.warning("MISTRALPY_CPU_ISA=%s: this CPU cannot run it; using %s", want, lower[0])
+    return lower[0]
+
+
+def _flags(namespace: str, variant: str) -> list[str]:
+    return ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", *march_flags(variant), f"-DQMM_NS={namespace}",
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
 
 
-def library_path(namespace: str = NAMESPACE, march: str = "native") -> Path:
+def library_path(namespace: str = NAMESPACE, variant: str = "scalar") -> Path:
     h = hashlib.sha256()
     parts = [src.read_bytes() for src in [*sources(), *sorted(_HERE.glob("*.h"))]]  # headers too
-    parts += [" ".join(_flags(namespace, march)).encode(), torch.__version__.encode(), _cpu_flags().encode(),
-              sys.version.encode()]
+    parts += [" ".join(_flags(namespace, variant)).encode(), torch.__version__.encode(), sys.version.encode()]
     for part in parts:
         h.update(part)
-    return cache_dir() / f"{namespace}_{h.hexdigest()[:16]}.so"
+    return cache_dir() / f"{namespace}.{variant}.{h.hexdigest()[:16]}.so"
 
 
-def build(namespace: str = NAMESPACE, march: str = "native") -> Path:
-    """Compile (if not cached) and return the shared library for `namespace` (`march`: g++ -march)."""
+def build(namespace: str = NAMESPACE, variant: str = "scalar") -> Path:
+    """Compile (if not cached) and return the shared library for `namespace` built as `variant`."""
     from torch.utils import cpp_extension
 
-    out = library_path(namespace, march)
+    out = library_path(namespace, variant)
     if out.exists():
         return out
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
@@ -91,14 +144,14 @@ def build(namespace: str = NAMESPACE, march: str = "native") -> Path:
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
     libs = [*(f"-L{p}" for p in cpp_extension.library_paths()),
             *(f"-Wl,-rpath,{p}" for p in cpp_extension.library_paths()), "-lc10", "-ltorch_cpu", "-ltorch"]
-    log.info("building the CPU kernel extension with g++ (once per machine, ~20-60 s) ...")
+    log.info("building the CPU kernel extension (%s) with g++ (once per machine, ~20-60 s) ...", variant)
     with tempfile.TemporaryDirectory(dir=out.parent) as objdir:
         try:
-            objs = _compile_objects(cxx, _flags(namespace, march), includes, Path(objdir))
-            _check(subprocess.run([cxx, *_flags(namespace, march), *objs, "-o", tmp, *libs],
+            objs = _compile_objects(cxx, _flags(namespace, variant), includes, Path(objdir))
+            _check(subprocess.run([cxx, *_flags(namespace, variant), *objs, "-o", tmp, *libs],
                                   check=False, capture_output=True, text=True))
             os.replace(tmp, out)
-            for stale in out.parent.glob(f"{namespace}_*.so"):   # builds of older sources / torch versions
+            for stale in out.parent.glob(f"{namespace}.{variant}.*.so"):   # builds of older sources / torch versions
                 if stale != out:
                     stale.unlink(missing_ok=True)
         finally:
@@ -137,12 +190,39 @@ def register_fakes(hook) -> None:
         hook(namespace)
 
 
-def load_namespace(namespace: str, march: str) -> None:
-    """Build and load one variant (tests load a portable ``-march=x86-64`` one beside the native one)."""
-    torch.ops.load_library(str(build(namespace, march)))
+def load_namespace(namespace: str, variant: str) -> None:
+    """Build and load one variant into `namespace` (tests load the other runnable variants beside
+    the selected one: ``load_variant``)."""
+    torch.ops.load_library(str(build(namespace, variant)))
     _loaded.append(namespace)
+    _variant_of[namespace] = variant
     for hook in _fake_hooks:
         hook(namespace)
+
+
+_variant_of: dict[str, str] = {}
+
+
+def variant_namespace(variant: str) -> str:
+    """The namespace ``load_variant`` puts `variant` in (the selected one is ``mistralpy_cpu``)."""
+    return NAMESPACE if _variant_of.get(NAMESPACE) == variant else f"{NAMESPACE}_{variant}"
+
+
+def load_variant(variant: str) -> str:
+    """Load `variant` (built if needed) beside the selected build; returns its torch.ops namespace."""
+    if variant not in runnable_variants():
+        raise RuntimeError(f"this CPU cannot run the {variant} variant")
+    ns = variant_namespace(variant)
+    if ns not in _loaded:
+        with _lock:
+            if ns not in _loaded:
+                load_namespace(ns, variant)
+    return ns
+
+
+def loaded_variant() -> str | None:
+    """The variant ``mistralpy_cpu`` holds (None before ``load()`` succeeds)."""
+    return _variant_of.get(NAMESPACE)
 
 
 def load() -> bool:
@@ -154,13 +234,12 @@ def load() -> bool:
             ok = False
             if os.environ.get("MISTRALPY_CPU_EXT", "1") == "0":
                 log.debug("CPU kernel extension disabled by MISTRALPY_CPU_EXT=0")
-            elif platform.machine() not in ("x86_64", "AMD64"):
-                log.debug("CPU kernel extension: x86-64 only, using torch kernels")
             else:
                 try:
-                    load_namespace(NAMESPACE, "native")
+                    variant = selected_variant()
+                    load_namespace(NAMESPACE, variant)
                     ok = True
-                    log.debug("CPU kernel extension loaded (%s)", isa())
+                    log.info("CPU kernels: %s variant (%s)", variant, isa())
                 except Exception as exc:  # noqa: BLE001  (any build/load failure: torch's kernels stay in use)
                     msg = str(exc).strip().splitlines()
                     log.warning("CPU kernel extension unavailable, using torch kernels: %s",
@@ -171,5 +250,6 @@ def load() -> bool:
 
 def isa(namespace: str = NAMESPACE, op: str = "isa") -> str:
     """The SIMD path a source of the build took, as its ``op`` reports it: ``isa`` (qmatmul.cpp:
-    avx512vnni or scalar), ``dense_isa`` (avx512bf16 or scalar), ``fused_isa`` (avx512 or scalar)."""
+    avx512vnni, avx2 or scalar), ``dense_isa`` (avx512bf16, avx2 or scalar), ``fused_isa`` and
+    ``paged_isa`` (avx512, avx2 or scalar)."""
     return bytes(getattr(getattr(torch.ops, namespace), op)(torch.empty(0)).tolist()).decode()
