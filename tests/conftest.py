@@ -19,20 +19,31 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return train_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
-PORTABLE_NAMESPACE = "mistralpy_cpu_portable"
+CPU_VARIANTS = ("avx512", "avx2", "scalar")
 
 
-@pytest.fixture(scope="session")
-def portable_ops():
-    """torch.ops namespace of the CPU kernel extension built for plain x86-64 (the scalar paths a CPU
-    without AVX-512 gets), built and loaded once per test session; skips when it cannot be built."""
+def _variant_ns(variant: str) -> str:
     from mistralpy.quant import cpu_ext
 
     if not cpu_ext.load():
         pytest.skip("CPU extension could not be built")
-    if PORTABLE_NAMESPACE not in cpu_ext._loaded:
-        try:
-            cpu_ext.load_namespace(PORTABLE_NAMESPACE, "x86-64")
-        except Exception as exc:  # noqa: BLE001
-            pytest.skip(f"portable build failed: {exc}")
-    return getattr(torch.ops, PORTABLE_NAMESPACE)
+    if variant not in cpu_ext.runnable_variants():
+        pytest.skip(f"this CPU cannot run the {variant} build")
+    try:
+        return cpu_ext.load_variant(variant)
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"{variant} build failed: {exc}")
+
+
+@pytest.fixture(scope="session", params=CPU_VARIANTS)
+def variant_ops(request):
+    """(variant, torch.ops namespace) of each ISA build of the CPU kernel extension this CPU can run,
+    built and loaded once per test session (the chosen one is shared with the engine): the tests that
+    take it run on every code path the machine can execute, so a Zen 4 also checks AVX2 and scalar."""
+    return request.param, getattr(torch.ops, _variant_ns(request.param))
+
+
+@pytest.fixture(scope="session")
+def portable_ops():
+    """The scalar build's torch.ops namespace (the code path that defines behaviour everywhere)."""
+    return getattr(torch.ops, _variant_ns("scalar"))

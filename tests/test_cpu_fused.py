@@ -20,7 +20,6 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import PORTABLE_NAMESPACE
 
 from mistralpy.layers import cpu_fused
 from mistralpy.layers.activation import act_and_mul, gelu_tanh
@@ -116,7 +115,7 @@ def test_rms_norm_is_one_op_with_known_values():
     with torch.autograd.profiler.profile() as prof:
         out = norm(x)
     names = [e.name for e in prof.function_events]
-    assert f"{cpu_ext.NAMESPACE}::rms_norm" in names and "aten::mean" not in names
+    assert f"{cpu_ext.namespace()}::rms_norm" in names and "aten::mean" not in names
     want = (torch.tensor([3.0, 4.0] * 32) / 12.5 ** 0.5).bfloat16() * 2
     assert torch.equal(out[0], want)
 
@@ -283,7 +282,7 @@ def test_compile_traces_the_torch_path_and_the_fakes_work():
 
     x, pos = torch.randn(2, 64).bfloat16(), torch.tensor([1, 2])
     torch.compile(layer, backend=backend, fullgraph=True)(x, pos)
-    assert seen and not any(cpu_ext.NAMESPACE in s for s in seen)  # inductor gets the torch ops
+    assert seen and not any("mistralpy_cpu" in s for s in seen)  # inductor gets the torch ops
 
     w = norm.weight
     def direct(x, pos):
@@ -295,10 +294,11 @@ def test_compile_traces_the_torch_path_and_the_fakes_work():
     assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
-def test_portable_build_matches(portable_ops):
-    """The scalar code path (a CPU without AVX-512) against the native one."""
-    port, native = portable_ops, getattr(torch.ops, cpu_ext.NAMESPACE)
-    assert cpu_ext.isa(PORTABLE_NAMESPACE, "fused_isa") == "scalar"
+def test_every_build_matches(variant_ops):
+    """Each ISA build the CPU runs (AVX-512 masked vectors, AVX2 / scalar loops) against the scalar one."""
+    variant, port = variant_ops
+    native = getattr(torch.ops, cpu_ext.load_variant("scalar"))
+    assert cpu_ext.isa(cpu_ext.variant_namespace(variant), "fused_isa") == ("avx512" if variant == "avx512" else "scalar")
     torch.manual_seed(4)
     for dtype in (torch.bfloat16, torch.float32, torch.float16):
         x, w = _strided((5, 100), dtype), torch.randn(100).to(dtype)

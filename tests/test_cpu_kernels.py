@@ -15,7 +15,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import PORTABLE_NAMESPACE
 from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
@@ -44,19 +43,21 @@ def _k(qtype: Q) -> int:
 
 
 def llama_reference(x: torch.Tensor, raw: torch.Tensor, qtype: Q, n: int, k: int) -> torch.Tensor:
-    """llama.cpp's CPU product, emulated: x [M, K] -> y [M, N] in float64."""
+    """llama.cpp's CPU product, emulated: x [M, K] -> y [M, N] in float64 (groups of 32 values, or of
+    16 for the K-quants with 16-value sub-blocks, each with its scale and offset)."""
     u, d, m = gguf_kernels_cpu._enc(raw.reshape(-1, BLOCK_SIZES[qtype][1]), qtype)
-    u = u.reshape(n, k // 32, 32).double()
-    d, m = d.reshape(n, k // 32).double(), m.reshape(n, k // 32).double()
+    g = d.shape[1]
+    u = u.reshape(n, k // 32, g, 32 // g).double()
+    d, m = d.reshape(n, k // 32, g).double(), m.reshape(n, k // 32, g).double()
     xb = x.float().reshape(x.shape[0], k // 32, 32)
     amax = xb.abs().amax(-1)
     dx = (amax / 127).half().double()
     # 127 / amax as one division (a Python scalar over a tensor would take a reciprocal first).
     q = torch.where(amax[..., None] > 0, xb * (torch.full_like(amax, 127) / amax)[..., None], 0)
-    q = q.round().double()   # ties to even
-    isum = torch.einsum("nbj,mbj->mnb", u, q)
-    sx = dx * q.sum(-1)
-    return (isum * d[None] * dx[:, None]).sum(-1) + (m[None] * sx[:, None]).sum(-1)
+    q = q.round().double().reshape(x.shape[0], k // 32, g, 32 // g)   # ties to even
+    isum = torch.einsum("nbgj,mbgj->mnbg", u, q)
+    sx = dx[..., None] * q.sum(-1)
+    return (isum * d[None] * dx[:, None, :, None]).sum((-1, -2)) + (m[None] * sx[:, None]).sum((-1, -2))
 
 
 @needs_ext
@@ -72,7 +73,9 @@ def test_encoding_is_exact(qtype):
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda q: q.name)
-def test_matches_llama_cpp_semantics_and_dequantized_matmul(qtype, dtype):
+def test_matches_llama_cpp_semantics_and_dequantized_matmul(variant_ops, qtype, dtype):
+    """Every ISA build this CPU runs (AVX512-VNNI, AVX2, scalar) on every block type."""
+    _, ops = variant_ops
     n, k = 40, _k(qtype)
     raw = _raw(qtype, n, k, seed=1)
     kern = CpuQMatmulKernel(raw, qtype, n, k, dtype)
@@ -80,7 +83,7 @@ def test_matches_llama_cpp_semantics_and_dequantized_matmul(qtype, dtype):
     gen = torch.Generator().manual_seed(2)
     for rows in (1, 2, 3, 4, 7, 70):      # activation tiles of 4, 2 and 1
         x = torch.randn(rows, k, generator=gen).to(dtype)
-        y = kern(x)
+        y = ops.qmm(x, kern.packed, kern.fmt, n)
         assert y.dtype == dtype and tuple(y.shape) == (rows, n)
         emu = llama_reference(x, raw, qtype, n, k)
         scale = emu.abs().max().item()
@@ -104,15 +107,16 @@ def test_leading_dims_strides_and_empty():
     assert torch.equal(kern(xt), kern(xt.contiguous()))
     assert tuple(kern(torch.randn(0, 64).bfloat16()).shape) == (0, 48)
     with pytest.raises(RuntimeError):
-        torch.ops.mistralpy_cpu.qmm(torch.randn(1, 64), kern.packed, kern.fmt, 30)   # wrong row count
+        cpu_ext.ops().qmm(torch.randn(1, 64), kern.packed, kern.fmt, 30)   # wrong row count
 
 
 @needs_ext
 def test_memory_and_formats():
     """Q4_1 keeps 20 bytes a block (its file size), 5-bit types 24 (Q5_0: 22); f16 scales where
-    exact, f32 for the K-quants."""
+    exact, f32 for the K-quants; two f32 (d, m) per 32 values for the 16-value sub-block K-quants."""
     for qtype, fmt, per_block in ((Q.Q4_1, 4, 20), (Q.Q4_0, 4, 20), (Q.Q8_0, 6, 36), (Q.Q5_0, 8, 24),
-                                  (Q.Q4_K, 5, 24), (Q.Q5_K, 9, 28)):
+                                  (Q.Q4_K, 5, 24), (Q.Q5_K, 9, 28), (Q.Q6_K, 31, 32), (Q.Q3_K, 21, 32),
+                                  (Q.Q2_K, 21, 32), (Q.Q8_K, 7, 40)):
         n, k = 64, 512
         if qtype in (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q5_0):   # real scales (random ones may overflow 128 d in f16)
             w = np.random.default_rng(0).standard_normal((n, k)).astype(np.float32) * 0.02
@@ -126,16 +130,48 @@ def test_memory_and_formats():
 @needs_ext
 def test_make_gguf_kernel_picks_it_for_bf16_only(monkeypatch):
     raw = _raw(Q.Q4_1, 64, 64)
-    if gguf_kernels_cpu.fast():
-        assert isinstance(gk.make_gguf_kernel(raw, Q.Q4_1, 64, 64, dtype=torch.bfloat16, device="cpu"),
-                          CpuQMatmulKernel)
+    q6 = _raw(Q.Q6_K, 16, 256)
+    if gguf_kernels_cpu.fast():   # every block type, the 16-value sub-block K-quants too
+        for r, qt, n, k in ((raw, Q.Q4_1, 64, 64), (q6, Q.Q6_K, 16, 256)):
+            assert isinstance(gk.make_gguf_kernel(r, qt, n, k, dtype=torch.bfloat16, device="cpu"), CpuQMatmulKernel)
     # float32 keeps the exact kernels (tolerance 1e-5 there).
     assert isinstance(gk.make_gguf_kernel(raw, Q.Q4_1, 64, 64, dtype=torch.float32, device="cpu"),
                       gk.Int4PlaneKernel)
-    # Q6_K has 16-value sub-blocks: not covered.
-    q6 = _raw(Q.Q6_K, 16, 256)
-    assert isinstance(gk.make_gguf_kernel(q6, Q.Q6_K, 16, 256, dtype=torch.bfloat16, device="cpu"),
-                      gk.Int4PlaneKernel)
+
+
+@needs_ext
+def test_variant_selection(monkeypatch):
+    """MISTRALPY_CPU_ISA picks a build; one the CPU cannot run falls back to the best one below it."""
+    runnable = cpu_ext.runnable_variants()
+    assert runnable[-1] == "scalar" and runnable == [v for v in cpu_ext.VARIANTS if v in runnable]
+    assert cpu_ext.runnable_variants("fpu sse2") == ["scalar"] or not cpu_ext._is_x86()
+    assert cpu_ext.runnable_variants("avx2 fma f16c bmi2")[:1] == ["avx2"] or not cpu_ext._is_x86()
+    for want in runnable:
+        monkeypatch.setenv("MISTRALPY_CPU_ISA", want)
+        assert cpu_ext.selected_variant() == want
+    monkeypatch.setenv("MISTRALPY_CPU_ISA", "avx512")
+    assert cpu_ext.selected_variant() == runnable[0] if "avx512" not in runnable else "avx512"
+    monkeypatch.setenv("MISTRALPY_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="MISTRALPY_CPU_ISA"):
+        cpu_ext.selected_variant()
+    monkeypatch.delenv("MISTRALPY_CPU_ISA")
+    assert cpu_ext.selected_variant() == runnable[0]
+    assert cpu_ext.isa() == {"avx512": "avx512vnni", "avx2": "avx2", "scalar": "scalar"}[cpu_ext.loaded_variant()]
+
+
+@needs_ext
+def test_variants_agree_on_every_type(variant_ops):
+    """The integer block sums are exact on every path, so the builds differ by float summation order only."""
+    variant, ops = variant_ops
+    assert cpu_ext.isa(cpu_ext.variant_namespace(variant)) == {"avx512": "avx512vnni"}.get(variant, variant)
+    scalar = getattr(torch.ops, cpu_ext.load_variant("scalar"))
+    for qtype in TYPES:
+        n, k = 40, _k(qtype)
+        kern = CpuQMatmulKernel(_raw(qtype, n, k, seed=3), qtype, n, k, torch.float32)
+        for rows in (1, 2, 5):
+            x = torch.randn(rows, k)
+            a, b = ops.qmm(x, kern.packed, kern.fmt, n), scalar.qmm(x, kern.packed, kern.fmt, n)
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item()), (variant, qtype.name)
 
 
 def test_fallback_when_the_extension_is_missing(monkeypatch):
@@ -147,24 +183,12 @@ def test_fallback_when_the_extension_is_missing(monkeypatch):
 
 def test_build_failure_is_reported_not_raised(monkeypatch, tmp_path, caplog):
     monkeypatch.setattr(cpu_ext, "_state", {})
+    monkeypatch.setattr(cpu_ext, "_loaded", [])
+    monkeypatch.setattr(cpu_ext, "_active", [])
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("MISTRALPY_CACHE", str(tmp_path))
     assert cpu_ext.load() is False
     assert "unavailable" in caplog.text
-
-
-@needs_ext
-def test_portable_build_matches(portable_ops):
-    """The scalar code path (what a CPU without AVX512-VNNI builds) against the native one."""
-    assert cpu_ext.isa(PORTABLE_NAMESPACE) == "scalar"
-    op = portable_ops.qmm
-    for qtype in (Q.Q4_1, Q.Q8_0, Q.Q4_K, Q.Q5_0, Q.Q5_K):
-        n, k = 40, _k(qtype)
-        kern = CpuQMatmulKernel(_raw(qtype, n, k, seed=3), qtype, n, k, torch.float32)
-        for rows in (1, 5):
-            x = torch.randn(rows, k)
-            a, b = op(x, kern.packed, kern.fmt, n), kern(x)
-            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * b.abs().max().item()), qtype.name
 
 
 @needs_ext

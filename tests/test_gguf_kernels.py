@@ -16,6 +16,10 @@ from tests.test_gguf_dequant import _random_raw
 CPU = torch.device("cpu")
 # Max |kernel - reference| / max |reference| per compute dtype (see the module docstring).
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2}
+# The int8-activation kernel (CpuQMatmulKernel) errs like llama.cpp's CPU backend: on random blocks with
+# extreme scales up to ~2e-2 of max |y| at one row; tests/test_cpu_kernels.py holds it to llama.cpp's
+# own semantics within 2e-6.
+INT8_ACT_TOL = 3e-2
 ALL_TYPES = sorted(SUPPORTED_TYPES, key=int)
 GGUF_WRITABLE = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0]
 
@@ -36,7 +40,8 @@ def _check(raw: np.ndarray | torch.Tensor, qtype: Q, n: int, k: int, dtype: torc
         y = kern(x)
         assert y.dtype == dtype and tuple(y.shape) == (m, n)
         err = ((y.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-        assert err <= TOL[dtype], f"{qtype.name} {dtype} M={m}: relative error {err:.2e}"
+        tol = INT8_ACT_TOL if isinstance(kern, CpuQMatmulKernel) else TOL[dtype]
+        assert err <= tol, f"{qtype.name} {dtype} M={m}: relative error {err:.2e}"
     return kern
 
 
@@ -84,9 +89,11 @@ def test_memory_stays_quantized(qtype):
         assert held == n * k * 2
         return
     if isinstance(kern, CpuQMatmulKernel):
-        # u (4, 5 or 8 bits) + a scale and offset (f16 where exact, else f32) per group of 32.
-        bits, f32 = {4: 4, 6: 8, 8: 5}[kern.fmt & ~1], kern.fmt & 1
-        assert held == n * k * (bits / 8 + (8 if f32 else 4) / 32)
+        # u (4, 5 or 8 bits) + a scale and offset (f16 where exact, else f32) per group of 32 (or of 16).
+        from mistralpy.quant.gguf_kernels_cpu import FORMATS
+
+        bits, f32, groups, has_m = FORMATS[kern.fmt]
+        assert held == n * k * (bits / 8 + groups * (4 if f32 else 2) * (1 + has_m) / 32)
         assert held < 0.7 * n * k * 2
         return
     # The int4 planes: 0.5 byte a weight for 4-bit types, 1 for the split / padded ones, plus a bf16

@@ -255,9 +255,9 @@ def test_compiled_call_keeps_cache_write():
 
 
 @needs_ext
-def test_portable_build_matches(portable_ops):
-    """The scalar path (-march=x86-64) against the oracle, odd head dims (80, 72: vector tails)."""
-    op = portable_ops.paged_decode.default
+def test_every_build_matches(variant_ops):
+    """Each ISA build the CPU runs against the oracle, odd head dims (80, 72: vector tails)."""
+    op = variant_ops[1].paged_decode.default
     for dtype, d in ((torch.float32, 80), (torch.bfloat16, 72), (torch.float16, 64)):
         c = _case(23, [1, 40, 77], hk=2, group=3, d=d, dtype=dtype, cache_dtype=dtype, bs=16)
         _check(c, AttentionSpec(scale=0.1, sliding_window=30, logit_softcap=4.0), op=op)

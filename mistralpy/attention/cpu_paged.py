@@ -31,9 +31,9 @@ def available() -> bool:
     if "ok" not in _state:
         if torch.compiler.is_compiling():
             return False
-        _state["ok"] = cpu_ext.load() and hasattr(torch.ops.mistralpy_cpu, "paged_decode")
+        _state["ok"] = cpu_ext.load() and hasattr(cpu_ext.ops(), "paged_decode")
         if _state["ok"]:
-            _op.append(torch.ops.mistralpy_cpu.paged_decode.default)
+            _op.append(cpu_ext.ops().paged_decode.default)
     return _state["ok"]
 
 

@@ -27,7 +27,7 @@ def available() -> bool:
     if ok is None:
         ok = _state["ok"] = cpu_ext.load()
         if ok:
-            ns = getattr(torch.ops, cpu_ext.NAMESPACE)
+            ns = cpu_ext.ops()
             # the overload packets' .default skips one Python lookup per call
             _ops.update(rms_norm=ns.rms_norm.default, act_and_mul=ns.act_and_mul.default, rope=ns.rope.default)
     return ok

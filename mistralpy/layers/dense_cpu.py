@@ -12,6 +12,7 @@ import torch
 
 TILE = 16
 _state: dict[str, bool] = {}
+_op: list = []   # the chosen variant's dense_mm, looked up once
 
 
 def available() -> bool:
@@ -23,6 +24,7 @@ def available() -> bool:
         if ok:
             ok = cpu_ext.isa(op="dense_isa") == "avx512bf16"
             cpu_ext.register_fakes(_register_fake)
+            _op.append(cpu_ext.ops().dense_mm.default)
         _state["ok"] = ok
     return _state["ok"]
 
@@ -61,5 +63,5 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = No
     """x [..., K] bf16 @ the packed weight^T (+ bias) -> [..., N] bf16."""
     lead, k = x.shape[:-1], x.shape[-1]
     n = out_features(packed)
-    y = torch.ops.mistralpy_cpu.dense_mm(x.reshape(-1, k).contiguous(), packed, n, bias)
+    y = _op[0](x.reshape(-1, k).contiguous(), packed, n, bias)
     return y.view(*lead, n)

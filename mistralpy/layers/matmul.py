@@ -45,10 +45,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y + bias if bias is not None else y
 
 
+def _mkldnn_takes(dtype: torch.dtype) -> bool:
+    """oneDNN's bf16 reorder needs avx512bw/vl/dq or avx_ne_convert (it raises on AVX2-only CPUs)."""
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return True
+
+
 def can_prepack(weight: torch.Tensor) -> bool:
     if weight.device.type != "cpu" or weight.dim() != 2 or weight.is_mkldnn:
         return False
-    return dense_cpu.can_pack(weight) or (weight.dtype in _PREPACK_DTYPES and torch.backends.mkldnn.is_available())
+    return dense_cpu.can_pack(weight) or (weight.dtype in _PREPACK_DTYPES and torch.backends.mkldnn.is_available()
+                                          and _mkldnn_takes(weight.dtype))
 
 
 def prepack(weight: torch.Tensor) -> torch.Tensor:

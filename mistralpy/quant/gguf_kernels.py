@@ -3,20 +3,22 @@
 ``make_gguf_kernel(raw, qtype, out, in, dtype=, device=)`` turns the raw block rows of a GGUF (or
 ISQ) tensor into a callable ``x [M, in] -> [M, out]`` holding no float copy of the weight. Paths:
 
-- **CPU, bfloat16, AVX512-VNNI, 32-value sub-block types** (Q4_0/Q4_1/Q4_K, Q5_0/Q5_1/Q5_K, Q8_0,
-  IQ4_NL/IQ4_XS): the C++ extension (``gguf_kernels_cpu.CpuQMatmulKernel``, ``quant/cpu_ext``),
-  llama.cpp-style int8 activations and integer block dots over exact re-encoded blocks, at every
-  row count. One SmolLM2-135M token's matmuls: 2.6 ms against 5.9 ms for the int4 planes below
-  (2 threads, 98 MB of blocks). Built once per machine with g++; without it (no
-  compiler, another CPU, float32 compute) the paths below are used.
+- **CPU, bfloat16, the C++ extension with a SIMD path (AVX512-VNNI or AVX2), every block type but
+  the float ones** (Q4_0/Q4_1/Q5_x/Q8_0/Q2_K-Q6_K/Q8_K/IQ4_x): ``gguf_kernels_cpu.CpuQMatmulKernel``
+  (``quant/cpu_ext/qmatmul.cpp``), llama.cpp-style int8 activations and integer block dots over
+  exact re-encoded blocks, at every row count. One SmolLM2-135M token's matmuls: 2.6 ms against
+  5.9 ms for the int4 planes below (Zen 4, 2 threads, 98 MB of blocks). Built once per machine with
+  g++; without it (no compiler, the scalar build, float32 compute) the paths below are used.
 - **CPU, every quantized type**: the blocks are re-encoded *exactly* as 4-bit planes with group-32
   scales and zeros (``gguf_kernels_encode``; bytes held per weight: 0.5 + 0.125 for Q4_0/Q4_1/Q4_K,
   1 + 0.25 for Q5_*, Q8_0, Q8_K, IQ4_*, Q6_K and the 16-value sub-block types Q2_K/Q3_K).
   ``Int4PlaneKernel`` takes any exact plane encoding and group size: ISQ's HQQ4/HQQ8 use it with
   groups of 64 (``quant/hqq.py``).
   - bfloat16, M < ``_DENSE_MIN_ROWS`` (128): torch's int4 CPU kernel
-    ``aten._weight_int4pack_mm_for_cpu``, which computes ``(q - 8) * scale + zero`` (checked by
-    experiment; group sizes 32..256, N a multiple of 16: rows are padded to 64). It only takes bf16
+    ``aten._weight_int4pack_mm_for_cpu``, which computes ``(q - 8) * scale + zero`` (checked at run
+    time by ``int4pack_layout.mm_semantics_ok``; group sizes 32..256, N a multiple of 16: rows are
+    padded to 64). Its packed byte layout differs per CPU ISA (64-row blocks on AVX512, 32 on AVX2),
+    so ``int4pack_layout.layout_for`` derives it by probing the packing op, never assuming it. It only takes bf16
     scales with bf16 activations, so scales/zeros are rounded to bf16 (<= 2^-9 relative per group,
     the size of the bf16 rounding of the output, and of a bf16 dense weight).
   - bfloat16 at M >= 128, and float32 at any M: chunks of rows are expanded to float32 (in-place
@@ -66,6 +68,7 @@ from mistralpy.quant import gguf_kernels_cpu
 from mistralpy.quant.gguf_dequant import BLOCK_SIZES, dequantize
 from mistralpy.quant.gguf_kernels_cpu import CPU_EXT_TYPES, CpuQMatmulKernel
 from mistralpy.quant.gguf_kernels_encode import GROUP, PLANE_TYPES, Planes, encode_planes
+from mistralpy.quant.int4pack_layout import PackLayout, layout_for, mm_semantics_ok, pack
 
 __all__ = ["GGUFKernel", "Int4PlaneKernel", "chunk_rows", "dequantize_kernel_weight", "make_gguf_kernel"]
 
@@ -109,22 +112,40 @@ class Int4PlaneKernel:
         self.padded = -(-out_features // _PACK_ROWS) * _PACK_ROWS
         packs, szs = [], []
         self.fold = None
+        layout: PackLayout | None = None
         for p in planes:
             nib, sz = p.nib, torch.stack((p.scale, p.zero), dim=-1)
+            if layout is None:   # checked before any packing work
+                layout = self._checked_layout(nib.shape[1], group, dtype)
             short = (-nib.shape[0]) % _PACK_ROWS  # only the last chunk can be short
             if short:
                 nib = F.pad(nib, (0, 0, 0, short), value=8)
                 sz = F.pad(sz, (0, 0, 0, 0, 0, short))
-            packs.append(torch.ops.aten._convert_weight_to_int4pack_for_cpu(nib.to(torch.int32), 2))
+            packs.append(pack(nib))                                      # the op the layout was derived from
             szs.append(sz.to(dtype))
             self.fold = p.fold
         self.packed = torch.cat(packs)                                   # uint8 [N', K'/2]
+        assert layout is not None                                        # cat raised on no planes
+        self.layout = layout
         self.sz = torch.cat(szs).transpose(0, 1).contiguous()            # [K'/group, N', 2]
         self.k_ext = self.packed.shape[1] * 2
         # The common decode call (2-D contiguous bf16, few rows) skips the general checks.
         self._int4_rows = _DENSE_MIN_ROWS if dtype == torch.bfloat16 else 0
         hi = self.fold[2] if self.fold is not None else 0.0
         self._hi_mult = torch.tensor([1.0, hi], dtype=dtype).reshape(1, 1, 2, 1)
+
+    @staticmethod
+    def _checked_layout(k_ext: int, group: int, dtype: torch.dtype) -> PackLayout:
+        """The packed layout for K' (the byte order differs per ISA), or RuntimeError: callers then
+        fall back to a dequantizing kernel."""
+        layout = layout_for(k_ext)
+        if layout is None:
+            raise RuntimeError(f"torch's int4 packing for K'={k_ext} is not a per-64-row permutation "
+                               "this kernel can unpack (int4pack_layout)")
+        # Only bf16 kernels call the int4 mm; float32 ones expand the planes.
+        if dtype == torch.bfloat16 and not mm_semantics_ok(group):
+            raise RuntimeError(f"torch's int4 mm (group {group}) does not compute (q - 8) * scale + zero")
+        return layout
 
     @classmethod
     def from_gguf(cls, raw: torch.Tensor, qtype: Q, out_features: int, in_features: int,
@@ -152,8 +173,7 @@ class Int4PlaneKernel:
     def expand(self, start: int, stop: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Rows [start, stop) (multiples of 64) of W [rows, K] in `dtype`, planes folded back."""
         rows = stop - start
-        b = self.packed[start:stop].reshape(-1, self.k_ext, _PACK_ROWS // 2)   # [rows/64, K', 32 bytes]
-        q = torch.cat((b & 0x0F, b >> 4), dim=2).transpose(1, 2).reshape(rows, -1, self.group)
+        q = self.layout.unpack(self.packed[start:stop]).reshape(rows, -1, self.group)   # uint8 nibbles
         sz = self.sz[:, start:stop].float()                                   # [K'/32, rows, 2]
         # float32 in place: several times faster than bf16 elementwise ops on CPU.
         w = q.to(torch.float32).sub_(8).mul_(sz[..., 0].t().unsqueeze(-1)).add_(sz[..., 1].t().unsqueeze(-1))
@@ -259,6 +279,9 @@ def _cpu_ext_ok(qtype: Q, in_features: int, dtype: torch.dtype, device: torch.de
             and in_features % GROUP == 0 and gguf_kernels_cpu.fast())
 
 
+_warned: set[str] = set()   # each distinct int4 refusal is logged once, not per tensor
+
+
 def make_gguf_kernel(raw: torch.Tensor, qtype: Q, out_features: int, in_features: int, *,
                      dtype: torch.dtype, device: torch.device) -> GGUFKernel:
     """A matmul over raw GGUF rows: raw uint8 [out_features, row_bytes] -> kernel(x [M, in]) -> [M, out]."""
@@ -277,8 +300,10 @@ def make_gguf_kernel(raw: torch.Tensor, qtype: Q, out_features: int, in_features
     if _int4_ok(qtype, in_features, dtype, device):
         try:
             return Int4PlaneKernel.from_gguf(raw.cpu(), qtype, out_features, in_features, dtype)
-        except RuntimeError as exc:  # a torch build whose int4 op rejects the shape: stay generic
-            log.warning("int4 kernel unavailable for %s [%d, %d]: %s", qtype.name, out_features, in_features, exc)
+        except RuntimeError as exc:  # a torch build whose int4 op rejects the shape or layout: stay generic
+            if str(exc) not in _warned:
+                _warned.add(str(exc))
+                log.warning("int4 kernel unavailable for %s [%d, %d]: %s", qtype.name, out_features, in_features, exc)
     return RawDequantKernel(raw.to(device), qtype, out_features, in_features, dtype)
 
 

@@ -1,20 +1,23 @@
 """CPU matmuls over GGUF blocks with int8 activations (the ``cpu_ext`` C++ extension), llama.cpp style.
 
-Every GGUF type whose blocks split into 32-value groups with one scale and offset each is held,
-*exactly*, as ``w = u * d + m`` per group of 32 with ``u`` unsigned (4 bits for Q4_0 / Q4_1 / Q4_K,
-5 for Q5_0 / Q5_1 / Q5_K, 8 for Q8_0 / IQ4_NL / IQ4_XS) and (d, m) in f16 where that is exact
-(Q4_1 keeps its file bytes), else f32 (the K-quants' d * scale products). Signed types store
-``u = q + 128`` (or + 8, + 16) with the offset folded into m. Q2_K, Q3_K, Q6_K (16-value
-sub-blocks) and Q8_K (an f32 scale: q + 128 times it would round) are not covered: they stay on
-``gguf_kernels.Int4PlaneKernel``.
+Every GGUF block type is held, *exactly*, as ``w = u * d + m`` per group with ``u`` unsigned
+(4 bits for Q4_0 / Q4_1 / Q4_K and, with 16-value groups, Q2_K / Q3_K; 5 for Q5_0 / Q5_1 / Q5_K;
+8 for Q8_0 / Q8_K / IQ4_NL / IQ4_XS and, with 16-value groups, Q6_K) and (d, m) in f16 where that is
+exact (Q4_1 keeps its file bytes), else f32 (the K-quants' d * scale products). A group is a block
+of 32 values, or each half of one for the K-quants with 16-value sub-blocks (Q2_K, Q3_K, Q6_K: two
+(d, m) per 32 values). Signed types store ``u = q + 128`` (or + 4, + 8, + 16, + 32) with the offset
+folded into m.
 
 The product quantizes each activation row to int8 blocks of 32 once per call (llama.cpp's q8_1:
-scale amax / 127, round to nearest) and sums integer dot products per block (AVX512-VNNI
-``vpdpbusd`` on this machine; AVX2 and scalar builds exist), parallel over output rows. Against
-dequantize + float32 matmul the error is that of the int8 activations, ~2-4e-3 of max |y| (what
-llama.cpp's CPU backend computes too), so it is used for bfloat16 compute only, whose own
-rounding is of that size; float32 keeps the exact paths. Prefill-sized inputs take the same
-kernel: it beats expanding the weight for oneDNN at every row count measured (64-512 rows: 1.3-8x).
+scale amax / 127, round to nearest) and sums integer dot products per group (AVX512-VNNI
+``vpdpbusd``, AVX2 ``vpmaddubsw`` / ``vpmaddwd``, or the portable scalar loop: the build variant
+``cpu_ext`` chose for this CPU), parallel over output rows. Every variant's integer sums are exact,
+so they agree to float32 summation order. Against dequantize + float32 matmul the error is that of
+the int8 activations, ~2-4e-3 of max |y| (what llama.cpp's CPU backend computes too), so it is used
+for bfloat16 compute only, whose own rounding is of that size; float32 keeps the exact paths.
+Prefill-sized inputs take the same kernel: it beats expanding the weight for oneDNN at every row
+count measured (64-512 rows: 1.3-8x). ``expand`` / ``dequantized`` are the plain-PyTorch reference
+of the tiled layout (exact: equal to ``gguf_dequant.dequantize``).
 """
 from __future__ import annotations
 
@@ -118,12 +121,21 @@ _TILE = 16
 _FIVE_BIT = frozenset({Q.Q5_0, Q.Q5_1, Q.Q5_K})
 
 
+# qmm's weight formats (qmatmul.cpp): fmt -> (bits of u, f32 scales, groups per 32 values, m stored)
+FORMATS: dict[int, tuple[int, bool, int, bool]] = {
+    4: (4, False, 1, True), 5: (4, True, 1, True), 6: (8, False, 1, True), 7: (8, True, 1, True),
+    8: (5, False, 1, True), 9: (5, True, 1, True), 21: (4, True, 2, True),
+    31: (6, True, 2, False),   # Q6_K: m = -32 d, not stored
+}
+SIX_BIT_OFFSET = -32.0
+
+
 def _bits_of(fmt: int) -> int:
-    return {4: 4, 6: 8, 8: 5}[fmt & 14]
+    return FORMATS[fmt][0]
 
 
 def _groups_of(fmt: int) -> int:
-    return 2 if fmt & 16 else 1
+    return FORMATS[fmt][2]
 
 
 def encode_affine(raw: torch.Tensor, qtype: Q, out_features: int, in_features: int) -> tuple[torch.Tensor, int]:
@@ -133,7 +145,7 @@ def encode_affine(raw: torch.Tensor, qtype: Q, out_features: int, in_features: i
 
     ts = BLOCK_SIZES[qtype][1]
     u, d, m = _enc(raw.reshape(-1, ts), qtype)
-    bits = 4 if qtype in _FOUR_BIT else 5 if qtype in _FIVE_BIT else 8
+    bits = 4 if qtype in _FOUR_BIT else 5 if qtype in _FIVE_BIT else 6 if qtype == Q.Q6_K else 8
     groups = d.shape[1]
     f16 = groups == 1 and _exact_f16(d) and _exact_f16(m)   # qmm's two-group formats are f32 only
     sdt = torch.float16 if f16 else torch.float32
@@ -146,15 +158,24 @@ def encode_affine(raw: torch.Tensor, qtype: Q, out_features: int, in_features: i
         hi = ((u >> 4) & 1).reshape(tiles, nb, 8, 8, 8)
         hi = (hi << torch.arange(8, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)   # [T, nb, 8, 8 bytes]
         u = u & 0x0F
+    if bits == 6:   # top two bits of quad v (low nibbles) / 4 + v (high) at bits 2 v of two vectors
+        top = (u >> 4).reshape(tiles, nb, 2, 4, _TILE, 4)
+        top = (top << (2 * torch.arange(4, dtype=torch.uint8)).reshape(1, 1, 1, 4, 1, 1)).sum(3, dtype=torch.uint8)
+        u = u & 0x0F
     if bits != 8:
         u = u[:, :, :4] | (u[:, :, 4:] << 4)
     if bits == 5:
         u = torch.cat((u.reshape(tiles, nb, -1), hi.reshape(tiles, nb, -1)), dim=2)
+    if bits == 6:
+        u = torch.cat((u.reshape(tiles, nb, -1), top.reshape(tiles, nb, -1)), dim=2)
+        if not torch.equal(m, SIX_BIT_OFFSET * d):
+            raise ValueError("6-bit blocks need m = -32 d")
     sc = [F.pad(v.reshape(out_features, nb * groups), (0, 0, 0, pad)).reshape(tiles, _TILE, nb, groups)
           .permute(0, 2, 3, 1).reshape(tiles, nb, groups * _TILE)
-          .to(sdt).contiguous().view(torch.uint8) for v in (d, m)]  # [T, nb, groups * 16 * sb]: [g][row]
+          .to(sdt).contiguous().view(torch.uint8) for v in ((d,) if bits == 6 else (d, m))]  # [T, nb, g * 16 * sb]
     packed = torch.cat((*sc, u.reshape(tiles, nb, -1)), dim=2).contiguous()
-    return packed, {4: 4, 8: 6, 5: 8}[bits] + (not f16) + 16 * (groups == 2)
+    fmt = next(f for f, spec in FORMATS.items() if spec == (bits, not f16, groups, bits != 6))
+    return packed, fmt
 
 
 _state: dict[str, bool] = {}
@@ -193,7 +214,7 @@ class CpuQMatmulKernel:
     def __init__(self, raw: torch.Tensor, qtype: Q, out_features: int, in_features: int, dtype: torch.dtype):
         self.qtype, self.out_features, self.in_features, self.dtype = qtype, out_features, in_features, dtype
         self.packed, self.fmt = encode_affine(raw, qtype, out_features, in_features)
-        self._op = torch.ops.mistralpy_cpu.qmm.default
+        self._op = cpu_ext.ops().qmm.default
 
     def nbytes(self) -> int:
         return self.packed.numel()
@@ -203,26 +224,33 @@ class CpuQMatmulKernel:
         t0, t1 = start // _TILE, -(-stop // _TILE)
         blk = self.packed[t0:t1]                                        # [T, nb, tile_bytes]
         tiles, nb = blk.shape[0], blk.shape[1]
-        g = _groups_of(self.fmt)
-        sdt, sb = (torch.float32, 64 * g) if self.fmt & 1 else (torch.float16, 32)
+        bits, f32, g, has_m = FORMATS[self.fmt]
+        sdt, sb = (torch.float32, 64 * g) if f32 else (torch.float16, 32)
+        mb = sb if has_m else 0
         # [T, nb, g, 16] -> [T, 16, nb, g]
         d = blk[..., :sb].contiguous().view(sdt).float().reshape(tiles, nb, g, _TILE).permute(0, 3, 1, 2)
-        m = blk[..., sb:2 * sb].contiguous().view(sdt).float().reshape(tiles, nb, g, _TILE).permute(0, 3, 1, 2)
-        q = blk[..., 2 * sb:]
-        bits = _bits_of(self.fmt)
-        if bits == 8:
-            q = q.reshape(tiles, nb, 8, _TILE, 4)
+        if has_m:
+            m = blk[..., sb:sb + mb].contiguous().view(sdt).float().reshape(tiles, nb, g, _TILE).permute(0, 3, 1, 2)
         else:
-            lo = q[..., :256].reshape(tiles, nb, 4, _TILE, 4)
-            q = torch.cat((lo & 0x0F, lo >> 4), dim=2)
+            m = d * SIX_BIT_OFFSET
+        vals = blk[..., sb + mb:]
+        if bits == 8:
+            q = vals.reshape(tiles, nb, 8, _TILE, 4)
+        else:
+            lo = vals[..., :256].reshape(tiles, nb, 4, _TILE, 4)
+            q = torch.cat((lo & 0x0F, lo >> 4), dim=2)                          # [T, nb, quad, row, 4]
             if bits == 5:
-                masks = blk[..., 2 * sb + 256:].reshape(tiles, nb, 8, 8, 1)
+                masks = vals[..., 256:].reshape(tiles, nb, 8, 8, 1)
                 hi = (masks >> torch.arange(8, dtype=torch.uint8)) & 1             # [T, nb, 8, 8, 8]
                 q = q | (hi.reshape(tiles, nb, 8, _TILE, 4) << 4)
+            if bits == 6:
+                top = vals[..., 256:].reshape(tiles, nb, 2, 1, _TILE, 4)
+                top = (top >> (2 * torch.arange(4, dtype=torch.uint8)).reshape(1, 1, 1, 4, 1, 1)) & 3
+                q = q | (top.reshape(tiles, nb, 8, _TILE, 4) << 4)
         q = q.permute(0, 3, 1, 2, 4).reshape(tiles, _TILE, nb, g, GROUP // g)
         # f32 scales: u * d + m in float64 is exact (<= 32 significant bits), so one rounding to f32
         # gives the reference's d * q (Q8_K's u * d alone would round in f32 before the offset)
-        wdt = torch.float64 if self.fmt & 1 else torch.float32
+        wdt = torch.float64 if f32 else torch.float32
         w = q.to(wdt).mul_(d.unsqueeze(-1).to(wdt)).add_(m.unsqueeze(-1).to(wdt)).to(torch.float32)
         w = w.reshape(tiles * _TILE, self.in_features)[start - t0 * _TILE:stop - t0 * _TILE]
         return w.to(dtype)

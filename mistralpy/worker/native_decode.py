@@ -159,7 +159,7 @@ class NativeDecode:
             raise NotEligible(f"{type(model).__name__} has no decode_layers")
         if type(inner).decode_layers not in (LlamaModel.decode_layers, GemmaModel.decode_layers):
             raise NotEligible(f"{type(inner).__name__} has its own decode_layers")
-        if not cpu_ext.load() or not hasattr(torch.ops.mistralpy_cpu, "decode_layers"):
+        if not cpu_ext.load() or not hasattr(cpu_ext.ops(), "decode_layers"):
             raise NotEligible("the CPU extension is not loaded")
         if not (cpu_fused.available() and cpu_paged.available()):
             raise NotEligible("the fused / paged CPU ops are not loaded")
@@ -226,7 +226,7 @@ class NativeDecode:
         # Int4PlaneKernel takes another product from this many rows: such steps stay eager
         self.max_rows = _INT4_MAX_ROWS if _INT4 in formats else None
         self._rope_ids = rope_ids
-        self._op = torch.ops.mistralpy_cpu.decode_layers.default
+        self._op = cpu_ext.ops().decode_layers.default
         self._caches: tuple[Any, list[torch.Tensor], list[torch.Tensor]] | None = None  # (kv_caches, ks, vs)
         self._eager = inner.decode_layers
         self.calls = 0  # steps served by the op (tests check it is really used)

@@ -50,7 +50,7 @@ def sources() -> list[Path]:
     return sorted(_HERE.glob("*.cpp"))
 _lock = threading.Lock()
 _state: dict[str, bool] = {}
-NAMESPACE = "mistralpy_cpu"
+NAMESPACE_PREFIX = "mistralpy_cpu"   # + "_" + variant
 
 
 def _cpu_flags() -> str:
@@ -115,11 +115,14 @@ def selected_variant() -> str:
 
 
 def _flags(namespace: str, variant: str) -> list[str]:
-    return ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", *march_flags(variant), f"-DQMM_NS={namespace}",
+    # -ffp-contract=off: g++ would fuse a * b + c of the plain C++ paths into FMAs on FMA targets,
+    # changing their float32 results against torch's (the intrinsic FMAs are written out)
+    return ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", *march_flags(variant),
+            f"-DQMM_NS={namespace}",
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
 
 
-def library_path(namespace: str = NAMESPACE, variant: str = "scalar") -> Path:
+def library_path(namespace: str, variant: str) -> Path:
     h = hashlib.sha256()
     parts = [src.read_bytes() for src in [*sources(), *sorted(_HERE.glob("*.h"))]]  # headers too
     parts += [" ".join(_flags(namespace, variant)).encode(), torch.__version__.encode(), sys.version.encode()]
@@ -128,7 +131,7 @@ def library_path(namespace: str = NAMESPACE, variant: str = "scalar") -> Path:
     return cache_dir() / f"{namespace}.{variant}.{h.hexdigest()[:16]}.so"
 
 
-def build(namespace: str = NAMESPACE, variant: str = "scalar") -> Path:
+def build(namespace: str, variant: str) -> Path:
     """Compile (if not cached) and return the shared library for `namespace` built as `variant`."""
     from torch.utils import cpp_extension
 
@@ -180,6 +183,7 @@ def _check(res: subprocess.CompletedProcess) -> None:
 
 _fake_hooks: list = []
 _loaded: list[str] = []
+_active: list[str] = []   # the namespace load() chose (one entry once loaded)
 
 
 def register_fakes(hook) -> None:
@@ -190,26 +194,22 @@ def register_fakes(hook) -> None:
         hook(namespace)
 
 
+def variant_namespace(variant: str) -> str:
+    """Each variant's ops live in their own namespace (``mistralpy_cpu_avx2``, ...), so every variant
+    can be loaded in one process (the tests run each) and a library serves whichever process picks it."""
+    return f"{NAMESPACE_PREFIX}_{variant}"
+
+
 def load_namespace(namespace: str, variant: str) -> None:
-    """Build and load one variant into `namespace` (tests load the other runnable variants beside
-    the selected one: ``load_variant``)."""
+    """Build (if needed) and load `variant` compiled into `namespace`."""
     torch.ops.load_library(str(build(namespace, variant)))
     _loaded.append(namespace)
-    _variant_of[namespace] = variant
     for hook in _fake_hooks:
         hook(namespace)
 
 
-_variant_of: dict[str, str] = {}
-
-
-def variant_namespace(variant: str) -> str:
-    """The namespace ``load_variant`` puts `variant` in (the selected one is ``mistralpy_cpu``)."""
-    return NAMESPACE if _variant_of.get(NAMESPACE) == variant else f"{NAMESPACE}_{variant}"
-
-
 def load_variant(variant: str) -> str:
-    """Load `variant` (built if needed) beside the selected build; returns its torch.ops namespace."""
+    """Load `variant` (built if needed) beside any other; returns its torch.ops namespace name."""
     if variant not in runnable_variants():
         raise RuntimeError(f"this CPU cannot run the {variant} variant")
     ns = variant_namespace(variant)
@@ -221,12 +221,24 @@ def load_variant(variant: str) -> str:
 
 
 def loaded_variant() -> str | None:
-    """The variant ``mistralpy_cpu`` holds (None before ``load()`` succeeds)."""
-    return _variant_of.get(NAMESPACE)
+    """The variant ``load()`` chose (None before it succeeds)."""
+    return _active[0].removeprefix(NAMESPACE_PREFIX + "_") if _active else None
+
+
+def namespace() -> str:
+    """The torch.ops namespace of the chosen variant (``load()`` must have succeeded)."""
+    if not _active:
+        raise RuntimeError("the CPU kernel extension is not loaded")
+    return _active[0]
+
+
+def ops():
+    """``torch.ops.<namespace()>``: where the engine's calls to the extension go."""
+    return getattr(torch.ops, namespace())
 
 
 def load() -> bool:
-    """Build or load the extension once per process; True when ``torch.ops.mistralpy_cpu.qmm`` exists."""
+    """Build or load the extension once per process; True when the chosen variant's ops exist."""
     if "ok" in _state:
         return _state["ok"]
     with _lock:
@@ -237,7 +249,10 @@ def load() -> bool:
             else:
                 try:
                     variant = selected_variant()
-                    load_namespace(NAMESPACE, variant)
+                    ns = variant_namespace(variant)
+                    if ns not in _loaded:
+                        load_namespace(ns, variant)
+                    _active[:] = [ns]
                     ok = True
                     log.info("CPU kernels: %s variant (%s)", variant, isa())
                 except Exception as exc:  # noqa: BLE001  (any build/load failure: torch's kernels stay in use)
@@ -248,8 +263,9 @@ def load() -> bool:
     return _state["ok"]
 
 
-def isa(namespace: str = NAMESPACE, op: str = "isa") -> str:
-    """The SIMD path a source of the build took, as its ``op`` reports it: ``isa`` (qmatmul.cpp:
-    avx512vnni, avx2 or scalar), ``dense_isa`` (avx512bf16, avx2 or scalar), ``fused_isa`` and
-    ``paged_isa`` (avx512, avx2 or scalar)."""
-    return bytes(getattr(getattr(torch.ops, namespace), op)(torch.empty(0)).tolist()).decode()
+def isa(namespace_: str | None = None, op: str = "isa") -> str:
+    """The SIMD path a source of a build took (default: the chosen one), as its ``op`` reports it:
+    ``isa`` (qmatmul.cpp: avx512vnni, avx2 or scalar), ``dense_isa`` (avx512bf16 or scalar),
+    ``fused_isa`` (avx512 or scalar), ``paged_isa`` (avx512 or scalar)."""
+    ns = namespace_ or namespace()
+    return bytes(getattr(getattr(torch.ops, ns), op)(torch.empty(0)).tolist()).decode()

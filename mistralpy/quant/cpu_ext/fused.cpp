@@ -197,11 +197,14 @@ void rms_row(const T* x, const W* w, T* y, int64_t H, float eps, float offset) {
     store16(y + j, out, m);
   }
 #else
-  float ss = 0.0f;
+  // The sum of squares in double: within half an ulp of the exact float, where torch's vectorized
+  // float sums land too (a float running sum over thousands of values drifts several ulp).
+  double ssd = 0.0;
   for (int64_t j = 0; j < H; ++j) {
-    const float v = to_f(x[j]);
-    ss += v * v;
+    const double v = to_f(x[j]);
+    ssd += v * v;
   }
+  const float ss = static_cast<float>(ssd);
   const float r = 1.0f / std::sqrt(ss / static_cast<float>(H) + eps);
   for (int64_t j = 0; j < H; ++j) {
     const float h = keep(to_f(x[j]) * r);

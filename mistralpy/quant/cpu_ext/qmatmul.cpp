@@ -4,7 +4,8 @@
 // is a block of 32 values, or in the two-group formats each half of one (16 values: Q2_K / Q3_K / Q6_K's
 // sub-blocks); every GGUF type maps onto this exactly (gguf_kernels_cpu.py). They are stored row-tiled
 // (see "row-tiled layout" below): fmt = 4 (4-bit u), 6 (8-bit) or 8 (5-bit), + 1 for f32 (d, m),
-// + 16 for two groups per block (f32 only).
+// + 16 for two groups per block (f32 only); fmt 31: Q6_K's 6-bit u with two groups of f32 d and no stored m
+// (m = -32 d).
 // Activations: each row of x is quantized once per call to int8 blocks of 32 (q8_1: dx = amax / 127 in f16,
 // q = round(x * 127 / amax), sx = dx * sum(q) per group), so that
 //   y[n] = sum_g d_g * dx_b * sum_{j in g} u_j q_j + m_g * sx_g
@@ -63,14 +64,20 @@ inline float load_scale(const uint8_t* p) {
 //   64 bytes, byte 4 r + i = u[r][4 j + i]; 4-bit: 4 vectors v of 64 bytes, byte 4 r + i = u[r][4 v + i] |
 //   u[r][4 v + 16 + i] << 4 (so the low nibbles are the first half, the high ones the second); 5-bit:
 //   the 4-bit layout of the low nibbles, then 8 little-endian uint64 masks (one per quad j, bit 4 r + i =
-//   bit 4 of u[r][4 j + i]).
+//   bit 4 of u[r][4 j + i]); 6-bit (no m section: m = -32 d): the 4-bit layout of the low nibbles, then
+//   two 64-byte vectors of the top two bits, byte 4 r + i of the first = sum_v (u[r][4 v + i] >> 4) << 2 v,
+//   of the second the same for u[r][16 + 4 v + i].
 template <int BITS, typename S, int G>
 struct Tiled {
   static constexpr int64_t R = 16;
-  static constexpr int64_t SB = sizeof(S) * R * G;      // bytes of the d's (and of the m's)
-  static constexpr int64_t QB = R * QK * BITS / 8;       // bytes of values (5 bits: nibbles, then fifth bits)
-  static constexpr int64_t BYTES = 2 * SB + QB;
+  static constexpr int64_t SB = sizeof(S) * R * G;      // bytes of the d's
+  static constexpr int64_t MB = BITS == 6 ? 0 : SB;     // bytes of the m's
+  static constexpr int64_t QB = R * QK * BITS / 8;       // bytes of values (5/6 bits: nibbles, then the rest)
+  static constexpr int64_t BYTES = SB + MB + QB;
 };
+
+// m of group g (rows of one 16-lane vector / one 8-lane half): stored, or -32 d for the 6-bit format.
+constexpr float SIX_BIT_OFFSET = -32.f;
 
 template <typename S>
 inline float scale_at(const uint8_t* p, int r) {
@@ -112,17 +119,24 @@ inline void tile_dot(const uint8_t* t, const int8_t* xq, const float* xd, const 
   const __m512i low = _mm512_set1_epi8(0x0F);
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* tb = t + b * F::BYTES;
-    const uint8_t* qv = tb + 2 * F::SB;
+    const uint8_t* qv = tb + F::SB + F::MB;
     __m512i isum[G][MT];
     for (int g = 0; g < G; ++g)
 #pragma GCC unroll 8
       for (int i = 0; i < MT; ++i) isum[g][i] = _mm512_setzero_si512();
-    if constexpr (BITS == 4 || BITS == 5) {
+    if constexpr (BITS == 4 || BITS == 5 || BITS == 6) {
 #pragma GCC unroll 4
       for (int v = 0; v < 4; ++v) {
         const __m512i raw = _mm512_loadu_si512(qv + 64 * v);
         __m512i lo = _mm512_and_si512(raw, low);
         __m512i hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+        if constexpr (BITS == 6) {  // top two bits: bits 2 v, 2 v + 1 of the two extra vectors
+          const __m512i three = _mm512_set1_epi8(3);
+          const __m512i top_lo = _mm512_and_si512(_mm512_srli_epi16(_mm512_loadu_si512(qv + 256), 2 * v), three);
+          const __m512i top_hi = _mm512_and_si512(_mm512_srli_epi16(_mm512_loadu_si512(qv + 320), 2 * v), three);
+          lo = _mm512_or_si512(lo, _mm512_slli_epi16(top_lo, 4));
+          hi = _mm512_or_si512(hi, _mm512_slli_epi16(top_hi, 4));
+        }
         if constexpr (BITS == 5) {  // fifth bits: one 64-bit mask per quad, + 16 where set
           uint64_t mlo, mhi;
           std::memcpy(&mlo, qv + 256 + 8 * v, 8);
@@ -150,7 +164,9 @@ inline void tile_dot(const uint8_t* t, const int8_t* xq, const float* xd, const 
       }
     }
     for (int g = 0; g < G; ++g) {
-      const __m512 d = load16<S>(tb + g * 16 * sizeof(S)), m = load16<S>(tb + F::SB + g * 16 * sizeof(S));
+      const __m512 d = load16<S>(tb + g * 16 * sizeof(S));
+      const __m512 m = BITS == 6 ? _mm512_mul_ps(d, _mm512_set1_ps(SIX_BIT_OFFSET))
+                                 : load16<S>(tb + F::SB + g * 16 * sizeof(S));
 #pragma GCC unroll 8
       for (int i = 0; i < MT; ++i) {
         const int64_t xi = i * nb + b;
@@ -199,7 +215,7 @@ inline void tile_dot(const uint8_t* t, const int8_t* xq, const float* xd, const 
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* tb = t + b * F::BYTES;
-    const uint8_t* qv = tb + 2 * F::SB;
+    const uint8_t* qv = tb + F::SB + F::MB;
     for (int h = 0; h < 2; ++h) {  // rows 8 h .. 8 h + 7: bytes 32 h .. 32 h + 31 of every 64-byte vector
       __m256i isum[G][MT];
       if constexpr (BITS == 4) {
@@ -220,6 +236,29 @@ inline void tile_dot(const uint8_t* t, const int8_t* xq, const float* xd, const 
         }
         for (int g = 0; g < G; ++g)
           for (int i = 0; i < MT; ++i) isum[g][i] = _mm256_madd_epi16(s16[g][i], ones);
+      } else if constexpr (BITS == 6) {
+        static_assert(G == 2, "6-bit blocks are Q6_K's: two groups");
+        for (int g = 0; g < G; ++g)
+          for (int i = 0; i < MT; ++i) isum[g][i] = _mm256_setzero_si256();
+        const __m256i three = _mm256_set1_epi8(3);
+        const __m256i ta = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qv + 256 + 32 * h));
+        const __m256i tb2 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qv + 320 + 32 * h));
+#pragma GCC unroll 4
+        for (int v = 0; v < 4; ++v) {
+          const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qv + 64 * v + 32 * h));
+          const __m256i top_lo = _mm256_and_si256(_mm256_srli_epi16(ta, 2 * v), three);
+          const __m256i top_hi = _mm256_and_si256(_mm256_srli_epi16(tb2, 2 * v), three);
+          const __m256i lo = _mm256_or_si256(_mm256_and_si256(raw, low), _mm256_slli_epi16(top_lo, 4));
+          const __m256i hi =
+              _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), low), _mm256_slli_epi16(top_hi, 4));
+          for (int i = 0; i < MT; ++i) {
+            const int8_t* xb = xq + (i * nb + b) * QK;
+            // 2 x 63 x 127 = 16002 per lane: straight to i32
+            isum[0][i] = _mm256_add_epi32(isum[0][i], _mm256_madd_epi16(_mm256_maddubs_epi16(lo, bcast4(xb + 4 * v)), ones));
+            isum[1][i] = _mm256_add_epi32(isum[1][i],
+                                          _mm256_madd_epi16(_mm256_maddubs_epi16(hi, bcast4(xb + 16 + 4 * v)), ones));
+          }
+        }
       } else if constexpr (BITS == 5) {
         static_assert(G == 1, "5-bit two-group blocks are not a format");
         for (int i = 0; i < MT; ++i) isum[0][i] = _mm256_setzero_si256();
@@ -258,7 +297,8 @@ inline void tile_dot(const uint8_t* t, const int8_t* xq, const float* xd, const 
       }
       for (int g = 0; g < G; ++g) {
         const __m256 d = load8<S>(tb + (g * 16 + 8 * h) * sizeof(S));
-        __m256 m = load8<S>(tb + F::SB + (g * 16 + 8 * h) * sizeof(S));
+        __m256 m = BITS == 6 ? _mm256_mul_ps(d, _mm256_set1_ps(SIX_BIT_OFFSET))
+                             : load8<S>(tb + F::SB + (g * 16 + 8 * h) * sizeof(S));
         // 8-bit sums were of w = u - 128: sum u q = sum w q + 128 sum q, i.e. m + 128 d against sx
         if constexpr (BITS == 8) m = _mm256_fmadd_ps(d, _mm256_set1_ps(128.f), m);
         for (int i = 0; i < MT; ++i) {
@@ -285,15 +325,19 @@ inline void tile_dot(const uint8_t* t, const int8_t* xq, const float* xd, const 
     for (int r = 0; r < 16; ++r) out[i][r] = 0.f;
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* tb = t + b * F::BYTES;
-    const uint8_t* qv = tb + 2 * F::SB;
+    const uint8_t* qv = tb + F::SB + F::MB;
     for (int r = 0; r < 16; ++r) {
       uint8_t u[QK];
-      if constexpr (BITS == 4 || BITS == 5) {
+      if constexpr (BITS == 4 || BITS == 5 || BITS == 6) {
         for (int v = 0; v < 4; ++v)
           for (int k = 0; k < 4; ++k) {
             const uint8_t byte = qv[64 * v + 4 * r + k];
             u[4 * v + k] = byte & 0x0F;
             u[16 + 4 * v + k] = byte >> 4;
+            if constexpr (BITS == 6) {
+              u[4 * v + k] |= ((qv[256 + 4 * r + k] >> (2 * v)) & 3) << 4;
+              u[16 + 4 * v + k] |= ((qv[320 + 4 * r + k] >> (2 * v)) & 3) << 4;
+            }
           }
         if constexpr (BITS == 5) {
           for (int j = 0; j < 8; ++j)
@@ -310,7 +354,8 @@ inline void tile_dot(const uint8_t* t, const int8_t* xq, const float* xd, const 
         const int64_t xi = i * nb + b;
         const int8_t* xb = xq + xi * QK;
         for (int g = 0; g < G; ++g) {
-          const float d = scale_at<S>(tb, g * 16 + r), m = scale_at<S>(tb + F::SB, g * 16 + r);
+          const float d = scale_at<S>(tb, g * 16 + r);
+          const float m = BITS == 6 ? d * SIX_BIT_OFFSET : scale_at<S>(tb + F::SB, g * 16 + r);
           int32_t s = 0;
           for (int k = g * QK / G; k < (g + 1) * QK / G; ++k) s += static_cast<int32_t>(u[k]) * xb[k];
           out[i][r] += static_cast<float>(s) * (d * xd[xi]) + m * xs[xi * G + g];
@@ -407,7 +452,7 @@ void dispatch(int64_t fmt, const uint8_t* W, int64_t N, int64_t nb, const int8_t
     case 8: return run_tiled<5, uint16_t, 1, OT>(W, N, nb, xq, xd, xs, xh, M, y);
     case 9: return run_tiled<5, float, 1, OT>(W, N, nb, xq, xd, xs, xh, M, y);
     case 21: return run_tiled<4, float, 2, OT>(W, N, nb, xq, xd, xs, xh, M, y);
-    case 23: return run_tiled<8, float, 2, OT>(W, N, nb, xq, xd, xs, xh, M, y);
+    case 31: return run_tiled<6, float, 2, OT>(W, N, nb, xq, xd, xs, xh, M, y);
     default: TORCH_CHECK(false, "qmm: unknown weight format ", fmt);
   }
 }
@@ -423,7 +468,7 @@ int64_t weight_bytes(int64_t fmt, int64_t n, int64_t nb) {
     case 8: bytes = Tiled<5, uint16_t, 1>::BYTES; break;
     case 9: bytes = Tiled<5, float, 1>::BYTES; break;
     case 21: bytes = Tiled<4, float, 2>::BYTES; break;
-    case 23: bytes = Tiled<8, float, 2>::BYTES; break;
+    case 31: bytes = Tiled<6, float, 2>::BYTES; break;
     default: TORCH_CHECK(false, "qmm: unknown weight format ", fmt);
   }
   return (n + 15) / 16 * nb * bytes;
