@@ -97,12 +97,13 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
     except OSError:
         loadavg = None
     import mistralpy
+    from mistralpy.quant import cpu_ext
 
     info = {
         "cpu": cpu, "cpu_family_model": f"{family}/{model}", "logical_cpus": os.cpu_count(),
         "usable_cpus": usable_cpus(), "threads": threads or torch.get_num_threads(),
         "isa": [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags],
-        "memory_gb": mem_gb, "loadavg": loadavg, "python": platform.python_version(),
+        "cpu_kernels": cpu_ext.loaded_variant() or "unavailable", "memory_gb": mem_gb, "loadavg": loadavg, "python": platform.python_version(),
         "torch": torch.__version__, "mistralpy": mistralpy.__version__, "mistralpy_commit": _git_commit(),
     }
     if torch.cuda.is_available():
@@ -281,7 +282,8 @@ def format_table(res: dict[str, Any]) -> str:
         lines.append(f"Start-up: model loaded in {st['load_s']:.1f} s; peak resident memory after loading "
                      f"{st['peak_rss_mb']:,.0f} MB.")
     lines.append(f"Machine: {mach['cpu']} ({mach['cpu_family_model']}), {mach['usable_cpus']}/{mach['logical_cpus']} "
-                 f"CPUs usable, ISA {'+'.join(mach['isa']) or 'baseline'}, {mach['memory_gb']} GB RAM, load average "
+                 f"CPUs usable, ISA {'+'.join(mach['isa']) or 'baseline'} (C++ kernels: {mach.get('cpu_kernels')} "
+                 f"variant), {mach['memory_gb']} GB RAM, load average "
                  f"{mach['loadavg']}; torch {mach['torch']}, mistralpy {mach['mistralpy']} ({mach['mistralpy_commit']}).")
     return "\n".join(lines)
 

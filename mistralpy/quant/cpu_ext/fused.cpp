@@ -307,8 +307,77 @@ inline void act_row_v(const T* g, const T* u, T* y, int64_t I, bool hf) {
 }
 #endif
 
+#if !defined(MISTRALPY_FUSED_AVX512) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define MISTRALPY_FUSED_AVX2 1
+using mistralpy_simd::exp8;
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const BF16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 load8(const F16* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+// float32 -> bf16 bits, round to nearest even (c10::BFloat16's rounding; NaN -> 0x7FC0).
+inline __m128i to_bf16_8(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+  return _mm256_castsi256_si128(packed);
+}
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(BF16* p, __m256 v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_bf16_8(v)); }
+inline void store8(F16* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+template <typename T>
+inline __m256 round8(__m256 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else if constexpr (std::is_same_v<T, BF16>) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(to_bf16_8(v)), 16));
+  } else {
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+}
+
+// SiLU and gelu-tanh on 8 lanes (act16's formulas); full vectors only, the tail takes act_scalar.
+template <int ACT>
+inline __m256 act8(__m256 g) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  if constexpr (ACT == SILU) {
+    return _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+  } else {
+    const __m256 cube = _mm256_mul_ps(_mm256_mul_ps(g, g), g);
+    const __m256 u = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f),
+                                   _mm256_fmadd_ps(_mm256_set1_ps(0.044715f), cube, g));
+    return _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_mul_ps(_mm256_set1_ps(-2.0f), u))));
+  }
+}
+
+template <int ACT, typename T>
+inline void act_row_v8(const T* g, const T* u, T* y, int64_t I, bool hf) {
+  int64_t j = 0;
+  for (; j + 8 <= I; j += 8) {
+    __m256 a = act8<ACT>(load8(g + j));
+    if (hf) a = round8<T>(a);
+    store8(y + j, _mm256_mul_ps(a, load8(u + j)));
+  }
+  for (; j < I; ++j) {
+    const float a = act_scalar(to_f(g[j]), ACT);
+    y[j] = static_cast<T>((hf ? round_to<T>(a) : a) * to_f(u[j]));
+  }
+}
+#endif
+
 template <typename T>
 inline void act_row(const T* g, const T* u, T* y, int64_t I, int act, bool hf) {
+#if defined(MISTRALPY_FUSED_AVX2)
+  if (act == SILU) return act_row_v8<SILU>(g, u, y, I, hf);
+  if (act == GELU_TANH) return act_row_v8<GELU_TANH>(g, u, y, I, hf);
+#endif
 #if defined(MISTRALPY_FUSED_AVX512)
   switch (act) {
     case SILU: return act_row_v<SILU>(g, u, y, I, hf);
@@ -421,6 +490,8 @@ std::tuple<at::Tensor, at::Tensor> rope(const at::Tensor& positions, const at::T
 at::Tensor fused_isa_code(const at::Tensor& like) {
 #if defined(MISTRALPY_FUSED_AVX512)
   return mistralpy_simd::string_tensor("avx512", like);
+#elif defined(MISTRALPY_FUSED_AVX2)
+  return mistralpy_simd::string_tensor("avx2", like);  // act_and_mul only; the rest is the scalar code
 #else
   return mistralpy_simd::string_tensor("scalar", like);
 #endif

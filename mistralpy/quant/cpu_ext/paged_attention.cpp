@@ -130,6 +130,74 @@ inline void wsum_rows(float* acc, const float* w, const T* v0, int64_t stride, i
   for (; d < Dv; ++d)
     for (int64_t r = 0; r < nr; ++r) acc[d] += w[r] * to_f(v0[r * stride + d]);
 }
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define MISTRALPY_PAGED_AVX2 1
+template <typename T>
+inline __m256 load8(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return _mm256_loadu_ps(p);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  } else {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+}
+
+// 8 rows at a time: 8 accumulators in registers, reduced together (reduce8).
+template <typename T>
+inline void score_rows(const float* q, const T* k0, int64_t stride, int64_t nr, int64_t D, float scale, float* out) {
+  for (int64_t r0 = 0; r0 < nr; r0 += 8) {
+    const int64_t n8 = std::min<int64_t>(8, nr - r0);
+    const T* rows[8];
+    for (int64_t r = 0; r < 8; ++r) rows[r] = k0 + (r0 + (r < n8 ? r : 0)) * stride;
+    __m256 acc[8];
+    for (int r = 0; r < 8; ++r) acc[r] = _mm256_setzero_ps();
+    int64_t d = 0;
+    for (; d + 8 <= D; d += 8) {
+      const __m256 qv = _mm256_loadu_ps(q + d);
+      for (int r = 0; r < 8; ++r) acc[r] = _mm256_fmadd_ps(qv, load8(rows[r] + d), acc[r]);
+    }
+    float s[8];
+    _mm256_storeu_ps(s, _mm256_mul_ps(mistralpy_simd::reduce8(acc), _mm256_set1_ps(scale)));
+    for (int64_t r = 0; r < n8; ++r) {
+      float t = s[r];
+      for (int64_t e = d; e < D; ++e) t += scale * q[e] * to_f(rows[r][e]);
+      out[r0 + r] = t;
+    }
+  }
+}
+
+template <int NR, typename T>
+inline void wsum_regs(float* acc, const float* w, const T* v0, int64_t stride, int64_t nr) {
+  __m256 a[NR];
+  for (int i = 0; i < NR; ++i) a[i] = _mm256_loadu_ps(acc + 8 * i);
+  for (int64_t r = 0; r < nr; ++r) {
+    const __m256 wv = _mm256_set1_ps(w[r]);
+    const T* v = v0 + r * stride;
+    for (int i = 0; i < NR; ++i) a[i] = _mm256_fmadd_ps(wv, load8(v + 8 * i), a[i]);
+  }
+  for (int i = 0; i < NR; ++i) _mm256_storeu_ps(acc + 8 * i, a[i]);
+}
+
+template <typename T>
+inline void wsum_rows(float* acc, const float* w, const T* v0, int64_t stride, int64_t nr, int64_t Dv) {
+  int64_t d = 0;
+  for (; d + 64 <= Dv; d += 64) wsum_regs<8>(acc + d, w, v0 + d, stride, nr);
+  switch ((Dv - d) / 8) {
+    case 7: wsum_regs<7>(acc + d, w, v0 + d, stride, nr); break;
+    case 6: wsum_regs<6>(acc + d, w, v0 + d, stride, nr); break;
+    case 5: wsum_regs<5>(acc + d, w, v0 + d, stride, nr); break;
+    case 4: wsum_regs<4>(acc + d, w, v0 + d, stride, nr); break;
+    case 3: wsum_regs<3>(acc + d, w, v0 + d, stride, nr); break;
+    case 2: wsum_regs<2>(acc + d, w, v0 + d, stride, nr); break;
+    case 1: wsum_regs<1>(acc + d, w, v0 + d, stride, nr); break;
+    default: break;
+  }
+  d += (Dv - d) / 8 * 8;
+  for (; d < Dv; ++d)
+    for (int64_t r = 0; r < nr; ++r) acc[d] += w[r] * to_f(v0[r * stride + d]);
+}
 #else
 template <typename T>
 inline void score_rows(const float* q, const T* k0, int64_t stride, int64_t nr, int64_t D, float scale, float* out) {
@@ -157,6 +225,10 @@ inline float max_of(const float* s, int64_t n) {
   __m512 mv = _mm512_set1_ps(m);
   for (; i + 16 <= n; i += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + i));
   m = _mm512_reduce_max_ps(mv);
+#elif defined(MISTRALPY_PAGED_AVX2)
+  __m256 mv = _mm256_set1_ps(m);
+  for (; i + 8 <= n; i += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + i));
+  m = mistralpy_simd::hmax8(mv);
 #endif
   for (; i < n; ++i) m = std::max(m, s[i]);
   return m;
@@ -175,6 +247,15 @@ inline float exp_sum(float* s, int64_t n, float m) {
     acc = _mm512_add_ps(acc, e);
   }
   sum = _mm512_reduce_add_ps(acc);
+#elif defined(MISTRALPY_PAGED_AVX2)
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = mistralpy_simd::exp8(_mm256_sub_ps(_mm256_loadu_ps(s + i), mv));
+    _mm256_storeu_ps(s + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  sum = mistralpy_simd::hsum8(acc);
 #endif
   for (; i < n; ++i) {
     s[i] = std::exp(s[i] - m);

@@ -84,6 +84,24 @@ inline float scale_at(const uint8_t* p, int r) {
   return load_scale<S>(p + r * sizeof(S));
 }
 
+// Software prefetch of the weight stream PREFETCH_BYTES ahead (the lines of one tile-block per
+// block step): each product reads its weights once from DRAM, and small matrices (a few hundred KB
+// per layer) end before the hardware prefetcher has ramped up. Past a task's range it touches the
+// next tiles' bytes or nothing (a prefetch never faults).
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES 2048
+#endif
+inline void prefetch_line(const uint8_t* p) {
+#if defined(__x86_64__)
+  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+#else
+  __builtin_prefetch(p);
+#endif
+}
+inline void prefetch_ahead(const uint8_t* p, int64_t bytes) {
+  for (int64_t o = 0; o < bytes; o += 64) prefetch_line(p + PREFETCH_BYTES + o);
+}
+
 // Which group of a block's value j (quad j / 4 for 8-bit, nibble half for 4/5-bit) feeds.
 template <int G>
 constexpr int group_of_quad(int j) {
@@ -120,6 +138,7 @@ inline void tile_dot(const uint8_t* t, const int8_t* xq, const float* xd, const 
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* tb = t + b * F::BYTES;
     const uint8_t* qv = tb + F::SB + F::MB;
+    prefetch_ahead(tb, F::BYTES);
     __m512i isum[G][MT];
     for (int g = 0; g < G; ++g)
 #pragma GCC unroll 8
@@ -216,6 +235,7 @@ inline void tile_dot(const uint8_t* t, const int8_t* xq, const float* xd, const 
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* tb = t + b * F::BYTES;
     const uint8_t* qv = tb + F::SB + F::MB;
+    prefetch_ahead(tb, F::BYTES);
     for (int h = 0; h < 2; ++h) {  // rows 8 h .. 8 h + 7: bytes 32 h .. 32 h + 31 of every 64-byte vector
       __m256i isum[G][MT];
       if constexpr (BITS == 4) {
@@ -371,6 +391,8 @@ void tiled_rows(const uint8_t* W, int64_t t0, int64_t t1, int64_t nb, const int8
                 const float* xs, int64_t M, OT* y, int64_t N) {
   using F = Tiled<BITS, S, G>;
   float out[4][16];
+  for (int64_t o = 0; o < PREFETCH_BYTES; o += 64)  // the head of this task's stream (prefetch_ahead covers the rest)
+    prefetch_line(W + t0 * nb * F::BYTES + o);
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* tw = W + t * nb * F::BYTES;
     const int64_t rows = std::min<int64_t>(16, N - t * 16);
