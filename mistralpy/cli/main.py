@@ -84,7 +84,15 @@ def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mistralpy", description="mistral.py: fast LLM inference on PyTorch")
+    parser = argparse.ArgumentParser(
+        prog="mistralpy", description="mistral.py: fast LLM inference on PyTorch",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="environment:\n"
+               "  MISTRALPY_CPU_ISA=auto|avx512|avx2|scalar  ISA variant of the C++ CPU kernels (default: the best\n"
+               "                                            this CPU runs; the start-up log says which)\n"
+               "  MISTRALPY_CPU_EXT=0                       no C++ kernels (torch's only)\n"
+               "  MISTRALPY_NATIVE_DECODE=0                 decode through the Python layers, not the C++ loop\n"
+               "  MISTRALPY_CACHE=DIR                       where the kernels are built (~/.cache/mistralpy)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log loading and engine details")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="generate from a prompt (-i) or chat interactively",
