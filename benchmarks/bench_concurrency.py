@@ -11,6 +11,9 @@ Engines, one at a time, same model file and thread count, greedy, EOS ignored:
   after another (continuous batching with `n_parallel` slots exists only in llama.cpp's C++
   `llama-server`). `--interrupt_requests False` is passed, otherwise each new request cancels the
   stream in progress;
+- `llama-server`: llama.cpp's own C++ server (`--llama-server PATH`; not in the default list) with
+  `-np` = the largest level: continuous batching over that many parallel slots, the honest peer for
+  throughput; driven like the others, `ignore_eos` set;
 - `transformers`: `generate` on one left-padded batch of the N prompts (the in-process peer: static
   batching, every request waits for the whole batch). GGUF files are dequantized to float by
   transformers.
@@ -48,7 +51,8 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 from bench_engine import CpuMonitor  # same directory
 
-ENGINES = ("engine", "server", "llama.cpp", "transformers")
+ENGINES = ("engine", "server", "llama.cpp", "llama-server", "transformers")
+DEFAULT_ENGINES = ("engine", "server", "llama.cpp", "transformers")
 Record = tuple[float, float | None, float | None, int]  # submit, first token, last token, tokens
 
 
@@ -58,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", help="GGUF file or HF folder (default: the built-in SmolLM2-135M-Instruct Q4_1)")
-    p.add_argument("--engines", default=",".join(ENGINES), help="comma-separated, from " + ", ".join(ENGINES))
+    p.add_argument("--engines", default=",".join(DEFAULT_ENGINES), help="comma-separated, from " + ", ".join(ENGINES))
+    p.add_argument("--llama-server", default=None, help="llama.cpp's C++ llama-server binary (engine llama-server)")
     p.add_argument("--levels", default="1,4,16,32,64", help="numbers of concurrent clients")
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per request")
     p.add_argument("--gen-len", type=int, default=64, help="generated tokens per request")
@@ -79,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     if set(args.engines) - set(ENGINES):
         p.error(f"unknown engines {sorted(set(args.engines) - set(ENGINES))}")
+    if "llama-server" in args.engines and not args.llama_server:
+        p.error("engine llama-server needs --llama-server PATH")
     if not args.levels or min(args.levels) < 1 or args.gen_len < 2 or args.prompt_len < 1:
         p.error("levels must be >= 1, --gen-len >= 2, --prompt-len >= 1")
     return args
@@ -228,6 +235,12 @@ def run_server(args: argparse.Namespace, prompts: Prompts, which: str) -> list[d
                "--dtype", args.dtype, "--max-seqs", str(max(32, max(args.levels))), "--log-interval", "0"]
         cmd += ["--compile"] if args.compile else []
         extra: dict[str, Any] = {"ignore_eos": True}
+    elif which == "llama-server":
+        slots = max(args.levels)
+        cmd = [args.llama_server, "-m", args.model, "--host", "127.0.0.1", "--port", str(port), "-t", str(args.threads),
+               "-tb", str(args.threads), "-np", str(slots), "-c", str(slots * (args.prompt_len + args.gen_len + 64)),
+               "--no-webui"]
+        extra = {"ignore_eos": True}
     else:
         cmd = [sys.executable, "-m", "llama_cpp.server", "--model", args.model, "--host", "127.0.0.1",
                "--port", str(port), "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads),
@@ -341,7 +354,7 @@ def report(res: dict) -> str:
             cells.append("—" if r is None else f"{fmt(r['ttft_s']['mean'], '.2f')} / {fmt(r['itl_ms_mean'])}")
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines += ["", ("Notes: llama.cpp = llama-cpp-python's server, which serializes requests (one context behind "
-                   "a lock; llama.cpp's C++ llama-server batches with n_parallel slots). transformers = one "
+                   "a lock); llama-server = llama.cpp's C++ server, continuous batching over -np slots. transformers = one "
                    "left-padded static batch per level (TTFT = 1-token batch time; GGUF dequantized to "
                    f"{cfg['tf_dtype']}). mistralpy dtype {cfg.get('mistralpy_dtype', cfg['dtype'])}"
                    f"{', compiled' if cfg['compile'] else ''}."),
@@ -379,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if name == "engine":
                 results[name] = run_engine(args, prompts)
-            elif name in ("server", "llama.cpp"):
+            elif name in ("server", "llama.cpp", "llama-server"):
                 results[name] = run_server(args, prompts, name)
             else:
                 results[name] = run_transformers(args, prompts)
