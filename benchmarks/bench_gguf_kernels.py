@@ -1,4 +1,4 @@
-"""Speed of the GGUF matmul kernels (mistralpy/quant/gguf_kernels.py) on CPU.
+"""Speed of the GGUF matmul kernels (mistralpy/quant/gguf/kernels.py) on CPU.
 
 Two tables:
 1. Per block type, one 1536x576 weight (and 576x1536 for 32-block types; K-quants use 1536x512):
@@ -25,9 +25,9 @@ from gguf import GGMLQuantizationType as Q
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mistralpy.layers.matmul import linear, prepack  # noqa: E402
-from mistralpy.quant import gguf_kernels_cpu  # noqa: E402
-from mistralpy.quant.gguf_dequant import BLOCK_SIZES  # noqa: E402
-from mistralpy.quant.gguf_kernels import Int4PlaneKernel, make_gguf_kernel  # noqa: E402
+from mistralpy.quant.gguf import kernels_cpu as gguf_kernels_cpu  # noqa: E402
+from mistralpy.quant.gguf.dequant import BLOCK_SIZES  # noqa: E402
+from mistralpy.quant.gguf.kernels import Int4PlaneKernel, make_gguf_kernel  # noqa: E402
 
 log = logging.getLogger("bench_gguf_kernels")
 

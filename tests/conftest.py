@@ -23,7 +23,7 @@ CPU_VARIANTS = ("avx512", "avx2", "scalar")
 
 
 def _variant_ns(variant: str) -> str:
-    from mistralpy.quant import cpu_ext
+    from mistralpy.kernels import cpu as cpu_ext
 
     if not cpu_ext.load():
         pytest.skip("CPU extension could not be built")

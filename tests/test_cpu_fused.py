@@ -1,4 +1,4 @@
-"""The fused CPU ops (quant/cpu_ext/fused.cpp via layers/cpu_fused.py) against the layers' torch paths.
+"""The fused CPU ops (kernels/cpu/fused.cpp via layers/cpu_fused.py) against the layers' torch paths.
 
 Reference: the same layer with the extension switched off (its torch code, the fallback).
 Tolerances, and why:
@@ -25,7 +25,7 @@ from mistralpy.layers import cpu_fused
 from mistralpy.layers.activation import act_and_mul, gelu_tanh
 from mistralpy.layers.norm import RMSNorm
 from mistralpy.layers.rotary import get_rope
-from mistralpy.quant import cpu_ext
+from mistralpy.kernels import cpu as cpu_ext
 
 pytestmark = pytest.mark.skipif(not cpu_fused.available(), reason="CPU extension could not be built")
 ACTS = [F.silu, gelu_tanh, F.gelu, F.relu]

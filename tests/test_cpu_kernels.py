@@ -1,4 +1,4 @@
-"""The C++ CPU quantized-matmul extension (mistralpy/quant/cpu_ext, quant/gguf_kernels_cpu.py).
+"""The C++ CPU quantized-matmul extension (mistralpy/kernels/cpu, quant/gguf/kernels_cpu.py).
 
 The extension is compiled once per machine (~20-40 s with g++ on 2 cores, cached under
 ~/.cache/mistralpy/cpu_ext); the first test that needs it pays the build. Tests are skipped when
@@ -21,10 +21,11 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
-from mistralpy.quant import cpu_ext, gguf_kernels_cpu
-from mistralpy.quant import gguf_kernels as gk
-from mistralpy.quant.gguf_dequant import BLOCK_SIZES, dequantize
-from mistralpy.quant.gguf_kernels_cpu import CPU_EXT_TYPES, CpuQMatmulKernel, encode_affine
+from mistralpy.kernels import cpu as cpu_ext
+from mistralpy.quant.gguf import kernels_cpu as gguf_kernels_cpu
+from mistralpy.quant.gguf import kernels as gk
+from mistralpy.quant.gguf.dequant import BLOCK_SIZES, dequantize
+from mistralpy.quant.gguf.kernels_cpu import CPU_EXT_TYPES, CpuQMatmulKernel, encode_affine
 from tests.test_gguf_dequant import _random_raw
 
 TYPES = sorted(CPU_EXT_TYPES, key=int)
@@ -247,7 +248,9 @@ def test_sources_compile_for_aarch64(tmp_path):
     from torch.utils import cpp_extension
 
     includes = [f"-I{p}" for p in cpp_extension.include_paths()]
-    for src in cpu_ext.sources():
-        res = subprocess.run(["aarch64-linux-gnu-g++", "-std=c++17", "-fsyntax-only", "-fopenmp", "-DQMM_NS=arm64",
-                              *includes, str(src)], capture_output=True, text=True)
-        assert res.returncode == 0, f"{src.name}: {res.stderr[-2000:]}"
+    jobs = [(src, subprocess.Popen(["aarch64-linux-gnu-g++", "-std=c++17", "-fsyntax-only", "-fopenmp",
+                                    "-DQMM_NS=arm64", *includes, str(src)], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True)) for src in cpu_ext.sources()]
+    for src, proc in jobs:   # side by side: torch's headers make each ~10 s
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"{src.name}: {err[-2000:]}"

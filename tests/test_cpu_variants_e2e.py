@@ -20,7 +20,7 @@ import torch
 from conftest import CPU_VARIANTS
 from fixtures_gguf import llama_cpp_logits
 
-from mistralpy.quant import cpu_ext
+from mistralpy.kernels import cpu as cpu_ext
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ STEPS = 12
 _CHILD = r"""
 import json, sys
 from mistralpy import Engine, SamplingParams
-from mistralpy.quant import cpu_ext
+from mistralpy.kernels import cpu as cpu_ext
 path, prompt = sys.argv[1], sys.argv[2]
 with Engine(path, max_model_len=512, num_kv_blocks=64) as eng:
     if eng.tokenizer.chat_template:
@@ -61,6 +61,8 @@ def test_greedy_tokens_in_llama_cpp_top3(variant, model):
         pytest.skip("CPU extension could not be built")
     if variant not in cpu_ext.runnable_variants():
         pytest.skip(f"this CPU cannot run the {variant} build")
+    if variant == "scalar" and model == "qwen25coder":
+        pytest.skip("the scalar build runs the 0.5B model on float32 expansions (slow); the two smaller files cover it")
     cpu_ext.load_variant(variant)  # built here once (cached), so the child only loads it
     path = _model(model)
     env = dict(os.environ, MISTRALPY_CPU_ISA=variant, OMP_NUM_THREADS="2")

@@ -1,4 +1,4 @@
-"""The C++ extension's dense bf16 kernel (quant/cpu_ext/dense.cpp, layers/dense_cpu.py).
+"""The C++ extension's dense bf16 kernel (kernels/cpu/dense.cpp, layers/dense_cpu.py).
 
 Reference: the float64 product of the same bf16 values. The kernel accumulates exact bf16 x bf16
 products in float32 and rounds once to bf16, so it must sit within one bf16 rounding of the exact
@@ -15,7 +15,7 @@ from mistralpy import Engine, SamplingParams
 from mistralpy.layers import dense_cpu
 from mistralpy.layers.linear import Linear
 from mistralpy.layers.matmul import linear, prepack_linear_weights, unpacked
-from mistralpy.quant import cpu_ext
+from mistralpy.kernels import cpu as cpu_ext
 
 needs_dense = pytest.mark.skipif(not dense_cpu.available(), reason="no AVX512-BF16 build of the CPU extension")
 

@@ -7,7 +7,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
-from mistralpy.quant.gguf_dequant import BLOCK_SIZES, SUPPORTED_TYPES, block_size, dequantize, nbytes, type_size
+from mistralpy.quant.gguf.dequant import BLOCK_SIZES, SUPPORTED_TYPES, block_size, dequantize, nbytes, type_size
 from tests.assets import smollm2_gguf_path
 
 # Byte offsets of the f16 scale fields of each block: filled with finite values (random bytes could
@@ -75,7 +75,7 @@ def test_q8_k_by_construction():
 
 
 def test_chunked_path_and_errors(monkeypatch):
-    import mistralpy.quant.gguf_dequant as gd
+    import mistralpy.quant.gguf.dequant as gd
 
     rng = np.random.default_rng(1)
     raw = _random_raw(Q.Q4_K, 4, 1024, rng)

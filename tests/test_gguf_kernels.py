@@ -7,10 +7,10 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
-from mistralpy.quant import gguf_kernels as gk
-from mistralpy.quant.gguf_dequant import BLOCK_SIZES, SUPPORTED_TYPES, dequantize
-from mistralpy.quant.gguf_kernels import dequantize_kernel_weight, make_gguf_kernel
-from mistralpy.quant.gguf_kernels_cpu import CpuQMatmulKernel
+from mistralpy.quant.gguf import kernels as gk
+from mistralpy.quant.gguf.dequant import BLOCK_SIZES, SUPPORTED_TYPES, dequantize
+from mistralpy.quant.gguf.kernels import dequantize_kernel_weight, make_gguf_kernel
+from mistralpy.quant.gguf.kernels_cpu import CpuQMatmulKernel
 from tests.test_gguf_dequant import _random_raw
 
 CPU = torch.device("cpu")
@@ -90,7 +90,7 @@ def test_memory_stays_quantized(qtype):
         return
     if isinstance(kern, CpuQMatmulKernel):
         # u (4, 5 or 8 bits) + a scale and offset (f16 where exact, else f32) per group of 32 (or of 16).
-        from mistralpy.quant.gguf_kernels_cpu import FORMATS
+        from mistralpy.quant.gguf.kernels_cpu import FORMATS
 
         bits, f32, groups, has_m = FORMATS[kern.fmt]
         assert held == n * k * (bits / 8 + groups * (4 if f32 else 2) * (1 + has_m) / 32)
@@ -178,7 +178,7 @@ def test_cuda_generic_path(qtype):
 @pytest.mark.parametrize("qtype", sorted(gk.PLANE_TYPES, key=int), ids=lambda q: q.name)
 def test_fast_extension_matches_the_plane_index(qtype):
     """The kernel's one-op x -> x' equals the documented gather x_ext[:, idx] * mult."""
-    from mistralpy.quant.gguf_kernels_encode import encode_planes
+    from mistralpy.quant.gguf.kernels_encode import encode_planes
 
     rng = np.random.default_rng(6)
     k = 512

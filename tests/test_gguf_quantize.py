@@ -11,9 +11,9 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
-import mistralpy.quant.gguf_quantize as gq
-from mistralpy.quant.gguf_dequant import BLOCK_SIZES, dequantize, nbytes
-from mistralpy.quant.gguf_quantize import QUANTIZABLE_TYPES, quantize
+import mistralpy.quant.gguf.quantize as gq
+from mistralpy.quant.gguf.dequant import BLOCK_SIZES, dequantize, nbytes
+from mistralpy.quant.gguf.quantize import QUANTIZABLE_TYPES, quantize
 
 logger = logging.getLogger(__name__)
 

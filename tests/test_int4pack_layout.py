@@ -6,10 +6,10 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from mistralpy.quant import gguf_kernels as gk
-from mistralpy.quant import int4pack_layout as L
-from mistralpy.quant.gguf_dequant import dequantize
-from mistralpy.quant.gguf_kernels_encode import Planes, encode_planes
+from mistralpy.quant.gguf import kernels as gk
+from mistralpy.quant.gguf import int4pack_layout as L
+from mistralpy.quant.gguf.dequant import dequantize
+from mistralpy.quant.gguf.kernels_encode import Planes, encode_planes
 from tests.test_gguf_dequant import _random_raw
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2}

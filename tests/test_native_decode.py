@@ -15,8 +15,8 @@ from fixtures_models import build_checkpoint
 
 from mistralpy import Engine, SamplingParams
 from mistralpy.layers import dense_cpu
-from mistralpy.quant import cpu_ext
-from mistralpy.quant.gguf_kernels_cpu import fast as qmm_fast
+from mistralpy.kernels import cpu as cpu_ext
+from mistralpy.quant.gguf.kernels_cpu import fast as qmm_fast
 
 pytestmark = pytest.mark.skipif(not cpu_ext.load(), reason="CPU extension unavailable")
 
@@ -200,7 +200,7 @@ def test_int4_plane_kernels_match_eager(checkpoints, monkeypatch, batch):
     product, stays eager."""
     if not qmm_fast():
         pytest.skip("qmm kernels need a SIMD build (AVX512-VNNI or AVX2)")
-    from mistralpy.quant import gguf_kernels
+    from mistralpy.quant.gguf import kernels as gguf_kernels
 
     monkeypatch.setattr(gguf_kernels, "_cpu_ext_ok", lambda *a: False)
     prompts = [PROMPTS[i % 16][: 3 + i % 5] for i in range(batch)]

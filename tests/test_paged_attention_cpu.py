@@ -1,4 +1,4 @@
-"""The C++ paged decode attention (quant/cpu_ext/paged_attention.cpp, attention/cpu_paged.py).
+"""The C++ paged decode attention (kernels/cpu/paged_attention.cpp, attention/cpu_paged.py).
 
 References: the torch path it replaces (TorchRefBackend's index_copy_ + gather + SDPA, which it
 must match: cache contents bit for bit, since both round k/v to the cache dtype the same way) and

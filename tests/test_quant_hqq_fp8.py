@@ -142,7 +142,7 @@ def test_names_widths_and_fallbacks():
 
 
 def test_gguf_writer_refuses_non_gguf_types():
-    from mistralpy.quant.gguf_writer import parse_export_type
+    from mistralpy.quant.gguf.writer import parse_export_type
 
     for name in ("HQQ4", "HQQ8", "FP8"):
         with pytest.raises(InvalidRequestError, match="not a GGUF block format"):

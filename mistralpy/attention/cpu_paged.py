@@ -1,4 +1,4 @@
-"""CPU decode attention over the paged KV cache: ``mistralpy_cpu::paged_decode`` (quant/cpu_ext/paged_attention.cpp).
+"""CPU decode attention over the paged KV cache: ``mistralpy_cpu::paged_decode`` (kernels/cpu/paged_attention.cpp).
 
 One call per layer writes the step's k/v rows into the cache and attends each decode row over its
 blocks in place (float32 math), instead of gathering the whole context with ``index_select``
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from mistralpy.attention.backend import AttentionSpec
-from mistralpy.quant import cpu_ext
+from mistralpy.kernels import cpu as cpu_ext
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _state: dict[str, bool] = {}

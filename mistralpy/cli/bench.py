@@ -97,7 +97,7 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
     except OSError:
         loadavg = None
     import mistralpy
-    from mistralpy.quant import cpu_ext
+    from mistralpy.kernels import cpu as cpu_ext
 
     info = {
         "cpu": cpu, "cpu_family_model": f"{family}/{model}", "logical_cpus": os.cpu_count(),

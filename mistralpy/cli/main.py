@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # The one-time build of the C++ kernels pauses the first start for ~20-60 s: say so.
-    logging.getLogger("mistralpy.quant.cpu_ext").setLevel(logging.INFO)
+    logging.getLogger("mistralpy.kernels.cpu").setLevel(logging.INFO)
     try:
         if args.command in ("run", "serve", "bench") and not args.model and not getattr(args, "config", None):
             from mistralpy.cli.default_model import default_model_path

@@ -24,7 +24,7 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
 def quantize_command(args: argparse.Namespace) -> int:
     from mistralpy.errors import InvalidRequestError
     from mistralpy.loading.hub import resolve_model_dir
-    from mistralpy.quant.gguf_writer import parse_export_type, write_gguf
+    from mistralpy.quant.gguf.writer import parse_export_type, write_gguf
 
     out = Path(args.output)
     # Cheap checks first, so a typo does not cost a download.

@@ -104,7 +104,7 @@ def resolve_gguf_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.
     where the C++ kernels have a SIMD path (AVX512 or AVX2: every product is an int8 dot there and
     every other decode op widens bf16 to f32 in registers), else where bf16 is native, else f32."""
     if dtype == "auto" and device.type == "cpu":
-        from mistralpy.quant import gguf_kernels_cpu
+        from mistralpy.quant.gguf import kernels_cpu as gguf_kernels_cpu
 
         chosen = torch.bfloat16 if gguf_kernels_cpu.fast() or cpu_supports_bf16() else torch.float32
         log.info("GGUF compute dtype: %s (CPU kernels: %s)", str(chosen).removeprefix("torch."),
@@ -114,7 +114,7 @@ def resolve_gguf_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.
 
 
 def cpu_ext_summary() -> str:
-    from mistralpy.quant import cpu_ext
+    from mistralpy.kernels import cpu as cpu_ext
 
     variant = cpu_ext.loaded_variant()
     return f"{variant} variant, qmm {cpu_ext.isa()}" if variant else "unavailable"

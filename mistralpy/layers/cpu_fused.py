@@ -1,4 +1,4 @@
-"""Fused CPU kernels for a decoder layer's small elementwise ops (``quant/cpu_ext/fused.cpp``).
+"""Fused CPU kernels for a decoder layer's small elementwise ops (``kernels/cpu/fused.cpp``).
 
 On CPU decode every eager torch op costs a few microseconds of dispatch, and RMSNorm, the gated
 activation and RoPE take 3-8 ops each; these run each as one call. The layers use them through
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from mistralpy.quant import cpu_ext
+from mistralpy.kernels import cpu as cpu_ext
 
 __all__ = ["ACT_CODES", "act_and_mul", "available", "rms_norm", "rope", "usable"]
 

@@ -1,4 +1,4 @@
-"""Dense bf16 products through the C++ extension (``quant/cpu_ext/dense.cpp``) on CPU.
+"""Dense bf16 products through the C++ extension (``kernels/cpu/dense.cpp``) on CPU.
 
 Weights are re-laid once after loading into "pair tiles" ([N/16, K/2, 16, 2], see dense.cpp), the
 layout the AVX512-BF16 dot-product instruction reads directly. Measured on a Zen 4 (2 threads,
@@ -18,7 +18,7 @@ _op: list = []   # the chosen variant's dense_mm, looked up once
 def available() -> bool:
     """True when the extension is built with the AVX512-BF16 path (not its slow portable one)."""
     if "ok" not in _state:
-        from mistralpy.quant import cpu_ext
+        from mistralpy.kernels import cpu as cpu_ext
 
         ok = cpu_ext.load()
         if ok:

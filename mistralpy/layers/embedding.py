@@ -14,8 +14,8 @@ from torch import nn
 from mistralpy.errors import ModelLoadError
 from mistralpy.layers.linear import Kernel, isq_encode, kernel_or_float, make_kernel
 from mistralpy.layers.matmul import linear
-from mistralpy.quant.gguf_dequant import dequantize
-from mistralpy.quant.gguf_tensor import GGUFTensor
+from mistralpy.quant.gguf.dequant import dequantize
+from mistralpy.quant.gguf.tensor import GGUFTensor
 
 
 class VocabEmbedding(nn.Module):

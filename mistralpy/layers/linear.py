@@ -9,7 +9,7 @@ tensor lands in its column range (``stacked_params`` in the model maps the names
 
 A loader may also hand a ``GGUFTensor`` (a GGUF file, or ISQ). A quantized one is not expanded:
 the layer drops its float parameter and multiplies with a quantized kernel
-(``quant/gguf_kernels.py``) over the raw blocks. Merged shards of one block type are joined row-wise
+(``quant/gguf/kernels.py``) over the raw blocks. Merged shards of one block type are joined row-wise
 into one kernel (block rows are independent); mixed types (Q4_K_M files keep attn_v in Q6_K) get
 one kernel per shard, their outputs concatenated. ISQ (``isq`` set before loading) encodes float
 checkpoint tensors into a GGUF block type on the way in and then takes the same path; the non-GGUF
@@ -26,7 +26,7 @@ from torch import nn
 
 from mistralpy.errors import ModelLoadError
 from mistralpy.layers.matmul import linear
-from mistralpy.quant.gguf_tensor import GGUFTensor
+from mistralpy.quant.gguf.tensor import GGUFTensor
 from mistralpy.quant.isq import IsqType, QuantizedWeight, quantize_tensor
 
 Kernel = Callable[[torch.Tensor], torch.Tensor]
@@ -53,7 +53,7 @@ def _param(*shape: int, loader=default_weight_loader) -> nn.Parameter:
 
 def make_kernel(t: GGUFTensor, dtype: torch.dtype, device: torch.device) -> Kernel:
     """A quantized matmul kernel over `t`'s raw blocks, computing in `dtype`."""
-    from mistralpy.quant.gguf_kernels import make_gguf_kernel  # only quantized models need it
+    from mistralpy.quant.gguf.kernels import make_gguf_kernel  # only quantized models need it
 
     out_features, in_features = t.shape
     rows = t.rows().to(device)
@@ -84,7 +84,7 @@ def _shard_kernel(s: GGUFTensor | QuantizedWeight, dtype: torch.dtype, device: t
     if isinstance(s, QuantizedWeight):
         return s.make_kernel(dtype, device)
     if s.is_float:  # a float shard beside quantized ones (mixed formats)
-        from mistralpy.quant.gguf_kernels import make_gguf_kernel
+        from mistralpy.quant.gguf.kernels import make_gguf_kernel
         return make_gguf_kernel(s.rows(), s.qtype, s.shape[0], s.shape[1], dtype=dtype, device=device)
     return make_kernel(s, dtype, device)
 

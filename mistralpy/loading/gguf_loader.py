@@ -23,8 +23,8 @@ from gguf import GGMLQuantizationType as Q
 
 from mistralpy.errors import ModelLoadError
 from mistralpy.loading.gguf_file import GGUFFile
-from mistralpy.quant.gguf_dequant import SUPPORTED_TYPES
-from mistralpy.quant.gguf_tensor import GGUFTensor
+from mistralpy.quant.gguf.dequant import SUPPORTED_TYPES
+from mistralpy.quant.gguf.tensor import GGUFTensor
 
 log = logging.getLogger(__name__)
 

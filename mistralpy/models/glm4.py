@@ -21,7 +21,7 @@ from mistralpy.layers.norm import RMSNorm
 from mistralpy.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 from mistralpy.models.phi import rope_for, rotary_dim_from_config
 from mistralpy.models.phi3 import Phi3MLP
-from mistralpy.quant.gguf_tensor import GGUFTensor
+from mistralpy.quant.gguf.tensor import GGUFTensor
 
 
 def neox_row_order(num_heads: int, head_dim: int, rotary_dim: int) -> torch.Tensor:

@@ -25,7 +25,7 @@ from mistralpy.layers.linear import Linear
 from mistralpy.layers.norm import RMSNorm
 from mistralpy.layers.rotary import get_rope, partial_rotary_factor_from_config, rope_params_from_config
 from mistralpy.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
-from mistralpy.quant.gguf_tensor import GGUFTensor
+from mistralpy.quant.gguf.tensor import GGUFTensor
 
 # Names the GGUF hooks (loading/gguf_families/phi3.py) give llama.cpp's rope factor tensors.
 ROPE_FACTOR_NAMES = {"model.rope_factors_long": "long_factor", "model.rope_factors_short": "short_factor"}

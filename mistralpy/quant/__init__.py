@@ -1,1 +1,1 @@
-"""Quantized weight formats: GGUF block formats and their dequantization (`gguf_dequant`)."""
+"""Quantized weight formats: GGUF block formats and their dequantization (`gguf.dequant`)."""

@@ -109,7 +109,7 @@ class FP8Kernel:
         return w if compute == torch.float32 else w.to(compute)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from mistralpy.quant.gguf_kernels import chunk_rows
+        from mistralpy.quant.gguf.kernels import chunk_rows
 
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)

@@ -17,7 +17,7 @@ Kernels (``HQQWeight.make_kernel``), no float copy of the weight kept:
 
 - CPU, bfloat16 / float32: the groups map exactly onto torch's int4 matmul
   (``aten._weight_int4pack_mm_for_cpu``, which computes ``(nib - 8) * s + z`` per group of 64) through
-  ``gguf_kernels.Int4PlaneKernel``: HQQ4 is one plane, ``z = (8 - zero) * scale``; HQQ8 splits
+  ``gguf.kernels.Int4PlaneKernel``: HQQ4 is one plane, ``z = (8 - zero) * scale``; HQQ8 splits
   ``q = 16 hi + lo`` into two planes (scales s and 16 s, ``z = (136 - zero) * s`` on the low one),
   as Q8_0 does. Bytes held per weight in bf16: HQQ4 0.5 + 0.0625, HQQ8 1 + 0.125. bf16 below 128
   rows runs the int4 op; float32, and bf16 from 128 rows, expand chunks of rows to float.
@@ -82,7 +82,7 @@ class HQQWeight:
 
     def make_kernel(self, dtype: torch.dtype, device: torch.device):
         """A matmul x [..., K] -> [..., N] over these groups, computing in `dtype` (module docstring)."""
-        from mistralpy.quant import gguf_kernels as gk
+        from mistralpy.quant.gguf import kernels as gk
 
         device = torch.device(device)
         n, k = self.shape
@@ -97,7 +97,7 @@ class HQQWeight:
 
     def _planes(self, start: int, stop: int):
         """The exact int4 planes of rows [start, stop) (gguf_kernels_encode.Planes)."""
-        from mistralpy.quant.gguf_kernels_encode import Planes
+        from mistralpy.quant.gguf.kernels_encode import Planes
 
         q = self.ints(start, stop)
         s, z = self.scale[start:stop], self.zero[start:stop]
@@ -123,7 +123,7 @@ class HQQDequantKernel:
         return self.w.nbytes()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from mistralpy.quant.gguf_kernels import chunk_rows
+        from mistralpy.quant.gguf.kernels import chunk_rows
 
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(self.dtype)

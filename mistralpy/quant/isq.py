@@ -2,7 +2,7 @@
 
 Names follow mistral.rs (`Q4K`, `Q8_0`, `HQQ4`, `FP8`, ...; llama.cpp spellings like `Q4_K` are
 accepted too) and so does the shorthand: a bit count picks a type per device. On CPU the shorthand
-picks the types with the fastest kernels here (`quant/gguf_kernels.py`):
+picks the types with the fastest kernels here (`quant/gguf/kernels.py`):
 
     2 -> Q2K   3 -> Q3K   4 -> Q4K   5 -> Q5K   6 -> Q6K   8 -> Q8_0
 
@@ -33,8 +33,8 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from mistralpy.errors import InvalidRequestError
-from mistralpy.quant.gguf_dequant import BLOCK_SIZES
-from mistralpy.quant.gguf_tensor import GGUFTensor
+from mistralpy.quant.gguf.dequant import BLOCK_SIZES
+from mistralpy.quant.gguf.tensor import GGUFTensor
 
 ISQ_TYPES: dict[str, Q] = {
     "Q4_0": Q.Q4_0, "Q4_1": Q.Q4_1, "Q5_0": Q.Q5_0, "Q5_1": Q.Q5_1, "Q8_0": Q.Q8_0,
@@ -113,7 +113,7 @@ def quantize_tensor(weight: torch.Tensor, qtype: Q | IsqType) -> GGUFTensor | Qu
     """Encode a float [out, in] weight as `qtype` (or its width fallback); unchanged if none fits.
 
     GGUF types give a GGUFTensor; HQQ4/HQQ8 an hqq.HQQWeight, FP8 an fp8.FP8Weight."""
-    from mistralpy.quant.gguf_quantize import quantize
+    from mistralpy.quant.gguf.quantize import quantize
 
     chosen = type_for_width(qtype, weight.shape[-1])
     if chosen is None:

@@ -2,7 +2,7 @@
 
 Eager decode of a small model is bound by Python and per-op dispatch, not by its kernels
 (SmolLM2-135M Q8_0, 30 layers, 2 threads: 5.8 ms of C++ kernels in a 9.9 ms step, ~13 ops a layer).
-``mistralpy_cpu::decode_layers`` (quant/cpu_ext/decode_layers.cpp) makes, for each layer, exactly
+``mistralpy_cpu::decode_layers`` (kernels/cpu/decode_layers.cpp) makes, for each layer, exactly
 the kernel calls the eager path makes (RMSNorm, qmm or dense products, RoPE, paged attention,
 gated activation, torch's residual adds), so its output is bitwise the eager one.
 
@@ -36,7 +36,7 @@ from mistralpy.layers.rotary import RotaryEmbedding
 from mistralpy.models.gemma import GemmaDecoderLayer, GemmaModel
 from mistralpy.models.gemma2 import Gemma2DecoderLayer
 from mistralpy.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaModel
-from mistralpy.quant import cpu_ext
+from mistralpy.kernels import cpu as cpu_ext
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ _NORM_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _ARG_NAMES = ("norms", "eps", "offsets", "weights", "parts", "biases", "formats", "outs", "extras", "part_ints",
               "part_his", "scales", "windows", "softcaps")  # the op's per-layer / per-part lists, in its order
 _INT4 = -1  # decode_layers.cpp's format code of an Int4PlaneKernel part
-_INT4_MAX_ROWS = 128  # quant/gguf_kernels.py _DENSE_MIN_ROWS: Int4PlaneKernel's few-row branch below it
+_INT4_MAX_ROWS = 128  # quant/gguf/kernels.py _DENSE_MIN_ROWS: Int4PlaneKernel's few-row branch below it
 
 
 class NotEligible(Exception):
@@ -88,8 +88,8 @@ class _Part(NamedTuple):
 
 
 def _quant_part(k: Any) -> _Part:
-    from mistralpy.quant.gguf_kernels import Int4PlaneKernel
-    from mistralpy.quant.gguf_kernels_cpu import CpuQMatmulKernel
+    from mistralpy.quant.gguf.kernels import Int4PlaneKernel
+    from mistralpy.quant.gguf.kernels_cpu import CpuQMatmulKernel
 
     if type(k) is CpuQMatmulKernel and type(k).__call__ is CpuQMatmulKernel.__call__:
         if k.dtype != _DTYPE or k.in_features % 32:

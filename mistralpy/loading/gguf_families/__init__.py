@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
-from mistralpy.quant.gguf_tensor import GGUFTensor
+from mistralpy.quant.gguf.tensor import GGUFTensor
 
 
 def _no_config(cfg: dict[str, Any], get: Any, meta: dict[str, Any], tensor_names: set[str]) -> None:

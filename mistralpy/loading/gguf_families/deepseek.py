@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from mistralpy.errors import ModelLoadError
-from mistralpy.quant.gguf_tensor import GGUFTensor
+from mistralpy.quant.gguf.tensor import GGUFTensor
 
 LAYER_NAMES = {
     "attn_q_a": "self_attn.q_a_proj",

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mistralpy.quant.gguf_tensor import GGUFTensor
+from mistralpy.quant.gguf.tensor import GGUFTensor
 
 LAYER_NAMES = {
     "ffn_norm": "pre_feedforward_layernorm",

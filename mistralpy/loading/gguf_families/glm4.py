@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from mistralpy.loading.gguf_families.phi import partial_rotary_factor, split_qkv
-from mistralpy.quant.gguf_tensor import GGUFTensor
+from mistralpy.quant.gguf.tensor import GGUFTensor
 
 LAYER_NAMES = {
     "attn_qkv": "self_attn.qkv_proj",  # split into q/k/v below

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from mistralpy.errors import ModelLoadError
-from mistralpy.quant.gguf_tensor import GGUFTensor
+from mistralpy.quant.gguf.tensor import GGUFTensor
 
 LAYER_NAMES = {
     "ffn_gate_inp": "mlp.gate",

@@ -11,7 +11,7 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
-from mistralpy.quant.gguf_tensor import GGUFTensor
+from mistralpy.quant.gguf.tensor import GGUFTensor
 
 GLOBAL_NAMES = {
     "output_norm.weight": "model.final_layernorm.weight",

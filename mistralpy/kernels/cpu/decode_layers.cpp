@@ -14,7 +14,7 @@
 //   x = x + rms_norm(linear_down(act_and_mul(linear_gate_up(rms_norm(x, pre_ff_norm)))), post_ff_norm)
 // A linear is one or more parts whose outputs are concatenated (layers/linear.py:ConcatKernel, torch.cat
 // on the last dim: merged shards of different quant formats), then its bias added by torch's add as
-// Linear.forward does; a part is qmm (fmt >= 4), torch's int4 product as quant/gguf_kernels.py:
+// Linear.forward does; a part is qmm (fmt >= 4), torch's int4 product as quant/gguf/kernels.py:
 // Int4PlaneKernel makes it for fewer than 128 rows (fmt -1: Q6_K / Q3_K / Q2_K planes, x widened by the
 // kernel's fold first), or a lone dense_mm (fmt 0, bias inside the kernel as layers/dense_cpu.py passes it). The residual adds are at::add, the op `hidden + y` runs in Python.
 // Returns x before the final norm.

@@ -34,9 +34,9 @@ from safetensors import safe_open
 from mistralpy.errors import InvalidRequestError, ModelLoadError, UnsupportedArchitectureError
 from mistralpy.loading.gguf_loader import _GLOBAL_NAMES, _LAYER_NAMES
 from mistralpy.loading.safetensors_reader import safetensors_files
-from mistralpy.quant.gguf_dequant import BLOCK_SIZES
-from mistralpy.quant.gguf_quantize import quantize
-from mistralpy.quant.gguf_writer_tokenizer import add_tokenizer, read_tokenizer
+from mistralpy.quant.gguf.dequant import BLOCK_SIZES
+from mistralpy.quant.gguf.quantize import quantize
+from mistralpy.quant.gguf.writer_tokenizer import add_tokenizer, read_tokenizer
 from mistralpy.quant.isq import head_type, parse_isq, type_for_width
 
 __all__ = ["EXPORT_ARCHITECTURES", "WriteSummary", "parse_export_type", "write_gguf"]

@@ -4,13 +4,13 @@
 ISQ) tensor into a callable ``x [M, in] -> [M, out]`` holding no float copy of the weight. Paths:
 
 - **CPU, bfloat16, the C++ extension with a SIMD path (AVX512-VNNI or AVX2), every block type but
-  the float ones** (Q4_0/Q4_1/Q5_x/Q8_0/Q2_K-Q6_K/Q8_K/IQ4_x): ``gguf_kernels_cpu.CpuQMatmulKernel``
-  (``quant/cpu_ext/qmatmul.cpp``), llama.cpp-style int8 activations and integer block dots over
+  the float ones** (Q4_0/Q4_1/Q5_x/Q8_0/Q2_K-Q6_K/Q8_K/IQ4_x): ``gguf.kernels_cpu.CpuQMatmulKernel``
+  (``kernels/cpu/qmatmul.cpp``), llama.cpp-style int8 activations and integer block dots over
   exact re-encoded blocks, at every row count. One SmolLM2-135M token's matmuls: 2.6 ms against
   5.9 ms for the int4 planes below (Zen 4, 2 threads, 98 MB of blocks). Built once per machine with
   g++; without it (no compiler, the scalar build, float32 compute) the paths below are used.
 - **CPU, every quantized type**: the blocks are re-encoded *exactly* as 4-bit planes with group-32
-  scales and zeros (``gguf_kernels_encode``; bytes held per weight: 0.5 + 0.125 for Q4_0/Q4_1/Q4_K,
+  scales and zeros (``gguf.kernels_encode``; bytes held per weight: 0.5 + 0.125 for Q4_0/Q4_1/Q4_K,
   1 + 0.25 for Q5_*, Q8_0, Q8_K, IQ4_*, Q6_K and the 16-value sub-block types Q2_K/Q3_K).
   ``Int4PlaneKernel`` takes any exact plane encoding and group size: ISQ's HQQ4/HQQ8 use it with
   groups of 64 (``quant/hqq.py``).
@@ -27,7 +27,7 @@ ISQ) tensor into a callable ``x [M, in] -> [M, out]`` holding no float copy of t
     8 * scale step) but slow (1536x576 Q4_1 at M = 1: 0.7 ms, 2.6 ms for two-plane types); the int4
     op's own float32 kernel is as slow, ~20x its bf16 one, so bf16 is the compute dtype for CPU.
 - **Other devices** (no device-specific code yet) **or a shape the int4 op rejects**: the raw
-  blocks are kept and dequantized in chunks of rows by ``gguf_dequant.dequantize`` + F.linear.
+  blocks are kept and dequantized in chunks of rows by ``gguf.dequant.dequantize`` + F.linear.
 - **F32 / F16 / BF16 stored weights**: held in the compute dtype, oneDNN-prepacked on CPU.
 
 Tolerances against ``dequantize`` + float32 matmul (tests/test_gguf_kernels.py), as max |error| /
@@ -64,11 +64,11 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
 
 from mistralpy.layers.matmul import can_prepack, is_prepacked, linear, prepack, unpacked
-from mistralpy.quant import gguf_kernels_cpu
-from mistralpy.quant.gguf_dequant import BLOCK_SIZES, dequantize
-from mistralpy.quant.gguf_kernels_cpu import CPU_EXT_TYPES, CpuQMatmulKernel
-from mistralpy.quant.gguf_kernels_encode import GROUP, PLANE_TYPES, Planes, encode_planes
-from mistralpy.quant.int4pack_layout import PackLayout, layout_for, mm_semantics_ok, pack
+from mistralpy.quant.gguf import kernels_cpu as gguf_kernels_cpu
+from mistralpy.quant.gguf.dequant import BLOCK_SIZES, dequantize
+from mistralpy.quant.gguf.kernels_cpu import CPU_EXT_TYPES, CpuQMatmulKernel
+from mistralpy.quant.gguf.kernels_encode import GROUP, PLANE_TYPES, Planes, encode_planes
+from mistralpy.quant.gguf.int4pack_layout import PackLayout, layout_for, mm_semantics_ok, pack
 
 __all__ = ["GGUFKernel", "Int4PlaneKernel", "chunk_rows", "dequantize_kernel_weight", "make_gguf_kernel"]
 

@@ -1,4 +1,4 @@
-// Quantized matrix products for CPU, llama.cpp style (built by mistralpy/quant/cpu_ext/__init__.py).
+// Quantized matrix products for CPU, llama.cpp style (built by mistralpy/kernels/cpu/__init__.py).
 //
 // Weights: w = u * d + m per group, u unsigned (4, 5 or 8 bits), (d, m) per group in f16 or f32. A group
 // is a block of 32 values, or in the two-group formats each half of one (16 values: Q2_K / Q3_K / Q6_K's

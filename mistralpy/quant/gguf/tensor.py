@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from mistralpy.quant.gguf_dequant import dequantize
+from mistralpy.quant.gguf.dequant import dequantize
 
 FLOAT_TYPES = frozenset({Q.F32, Q.F16, Q.BF16})
 

@@ -1,4 +1,4 @@
-// One-query (decode) attention over the paged KV cache for CPU (built by mistralpy/quant/cpu_ext/__init__.py;
+// One-query (decode) attention over the paged KV cache for CPU (built by mistralpy/kernels/cpu/__init__.py;
 // wrapped by mistralpy/attention/cpu_paged.py).
 //
 // paged_decode writes the step's new k/v rows into the cache at their slots, then, for each decode

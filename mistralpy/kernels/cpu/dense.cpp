@@ -1,4 +1,4 @@
-// Dense bf16 matrix products for CPU decode (built by mistralpy/quant/cpu_ext/__init__.py).
+// Dense bf16 matrix products for CPU decode (built by mistralpy/kernels/cpu/__init__.py).
 //
 // oneDNN's bf16 linear reads a small decoder's weights at ~13 GB/s when one to a few rows are
 // multiplied (short products, fixed cost per call); this kernel streams them at close to the memory

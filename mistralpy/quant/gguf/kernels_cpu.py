@@ -1,4 +1,4 @@
-"""CPU matmuls over GGUF blocks with int8 activations (the ``cpu_ext`` C++ extension), llama.cpp style.
+"""CPU matmuls over GGUF blocks with int8 activations (the ``kernels.cpu`` C++ extension), llama.cpp style.
 
 Every GGUF block type is held, *exactly*, as ``w = u * d + m`` per group with ``u`` unsigned
 (4 bits for Q4_0 / Q4_1 / Q4_K and, with 16-value groups, Q2_K / Q3_K; 5 for Q5_0 / Q5_1 / Q5_K;
@@ -11,13 +11,13 @@ folded into m.
 The product quantizes each activation row to int8 blocks of 32 once per call (llama.cpp's q8_1:
 scale amax / 127, round to nearest) and sums integer dot products per group (AVX512-VNNI
 ``vpdpbusd``, AVX2 ``vpmaddubsw`` / ``vpmaddwd``, or the portable scalar loop: the build variant
-``cpu_ext`` chose for this CPU), parallel over output rows. Every variant's integer sums are exact,
+``kernels.cpu`` chose for this CPU), parallel over output rows. Every variant's integer sums are exact,
 so they agree to float32 summation order. Against dequantize + float32 matmul the error is that of
 the int8 activations, ~2-4e-3 of max |y| (what llama.cpp's CPU backend computes too), so it is used
 for bfloat16 compute only, whose own rounding is of that size; float32 keeps the exact paths.
 Prefill-sized inputs take the same kernel: it beats expanding the weight for oneDNN at every row
 count measured (64-512 rows: 1.3-8x). ``expand`` / ``dequantized`` are the plain-PyTorch reference
-of the tiled layout (exact: equal to ``gguf_dequant.dequantize``).
+of the tiled layout (exact: equal to ``gguf.dequant.dequantize``).
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
 
-from mistralpy.quant import cpu_ext
-from mistralpy.quant.gguf_dequant import IQ4NL_VALUES, _bits, _f16, _k_scale_min, _nibbles, _q5_high
+from mistralpy.kernels import cpu as cpu_ext
+from mistralpy.quant.gguf.dequant import IQ4NL_VALUES, _bits, _f16, _k_scale_min, _nibbles, _q5_high
 
 __all__ = ["CPU_EXT_TYPES", "CpuQMatmulKernel", "available", "encode_affine", "fast"]
 
@@ -141,7 +141,7 @@ def _groups_of(fmt: int) -> int:
 def encode_affine(raw: torch.Tensor, qtype: Q, out_features: int, in_features: int) -> tuple[torch.Tensor, int]:
     """raw uint8 [N, row_bytes] GGUF rows -> (tiled uint8 [ceil(N / 16), K / 32, tile_bytes], fmt) for
     ``qmm``: fmt = 4 (4-bit u), 6 (8-bit) or 8 (5-bit), + 1 for f32 scales, + 16 for two groups a block."""
-    from mistralpy.quant.gguf_dequant import BLOCK_SIZES
+    from mistralpy.quant.gguf.dequant import BLOCK_SIZES
 
     ts = BLOCK_SIZES[qtype][1]
     u, d, m = _enc(raw.reshape(-1, ts), qtype)
@@ -200,7 +200,7 @@ def available() -> bool:
 def fast() -> bool:
     """True when the extension is loaded and took a SIMD path (AVX512-VNNI or AVX2): then it is the
     fastest kernel for every type it covers. The scalar build (plain x86-64, aarch64) is correct but
-    slower than torch's int4 kernel, so GGUF weights there take ``gguf_kernels.Int4PlaneKernel``."""
+    slower than torch's int4 kernel, so GGUF weights there take ``gguf.kernels.Int4PlaneKernel``."""
     if "fast" not in _state:
         _state["fast"] = available() and cpu_ext.isa() in ("avx512vnni", "avx2")
         if available() and not _state["fast"]:

@@ -2,13 +2,13 @@
 
 `quantize(weight, qtype)` turns a float [N, K] matrix into the uint8 [N, row_bytes] a GGUF file
 would hold for it, so a loader can quantize Hugging Face weights at load time and reuse the GGUF
-matmul paths (`gguf_dequant.dequantize` reads the bytes back).
+matmul paths (`gguf.dequant.dequantize` reads the bytes back).
 
 - Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 are bit-exact with `gguf.quants.quantize` (itself bit-exact with
   ggml's reference quantizers). Q8_K (not in `gguf.quants`) follows ggml's quantize_row_q8_K_ref
   operation for operation (tested against a scalar port of it).
 - Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, IQ4_XS follow llama.cpp's reference quantizers without an
-  importance matrix (see `gguf_quantize_kquants`); on random weights most blocks come out byte-for-
+  importance matrix (see `gguf.quantize_kquants`); on random weights most blocks come out byte-for-
   byte as llama.cpp's `llama_model_quantize` writes them, the rest differ only where two scale
   candidates tie to float rounding.
 
@@ -31,8 +31,8 @@ from collections.abc import Callable
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from mistralpy.quant import gguf_quantize_kquants as kq
-from mistralpy.quant.gguf_dequant import BLOCK_SIZES
+from mistralpy.quant.gguf import quantize_kquants as kq
+from mistralpy.quant.gguf.dequant import BLOCK_SIZES
 
 __all__ = ["QUANTIZABLE_TYPES", "quantize"]
 

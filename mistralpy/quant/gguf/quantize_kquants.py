@@ -1,4 +1,4 @@
-"""K-quant and IQ4 block encoders for `gguf_quantize`, vectorized over blocks.
+"""K-quant and IQ4 block encoders for `gguf.quantize`, vectorized over blocks.
 
 These follow the reference quantizers of llama.cpp (ggml-quants.c, the paths taken when no
 importance matrix is given): the per-group scale searches (`make_qkx2_quants` for Q2_K/Q4_K/Q5_K,
@@ -10,14 +10,14 @@ group differs (torch reduces pairwise), so the choice between two nearly equal c
 differ in a few blocks.
 
 Every encoder takes [n_blocks, block_size] float32 and returns [n_blocks, type_size] uint8, laid
-out as ggml-common.h (and `gguf_dequant`) reads them.
+out as ggml-common.h (and `gguf.dequant`) reads them.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from mistralpy.quant.gguf_dequant import IQ4NL_VALUES, QK_K
+from mistralpy.quant.gguf.dequant import IQ4NL_VALUES, QK_K
 
 GROUP_MAX_EPS = 1e-15  # groups whose |max| is below this are all-zero in ggml
 

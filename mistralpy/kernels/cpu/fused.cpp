@@ -1,4 +1,4 @@
-// Fused elementwise ops of a decoder layer for CPU decode (built by mistralpy/quant/cpu_ext/__init__.py;
+// Fused elementwise ops of a decoder layer for CPU decode (built by mistralpy/kernels/cpu/__init__.py;
 // wrapped by mistralpy/layers/cpu_fused.py). Each replaces 3-8 eager torch ops (each ~3-8 us of dispatch)
 // with one call; the math is done in float32 and rounded once to the input dtype, like the torch paths
 // in layers/norm.py, layers/activation.py and layers/rotary.py:
