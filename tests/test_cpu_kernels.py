@@ -119,7 +119,7 @@ def test_memory_and_formats():
     """Q4_1 keeps 20 bytes a block (its file size), 5-bit types 24 (Q5_0: 22); f16 scales where
     exact, f32 for the K-quants; two f32 (d, m) per 32 values for the 16-value sub-block K-quants."""
     for qtype, fmt, per_block in ((Q.Q4_1, 4, 20), (Q.Q4_0, 4, 20), (Q.Q8_0, 6, 36), (Q.Q5_0, 8, 24),
-                                  (Q.Q4_K, 5, 24), (Q.Q5_K, 9, 28), (Q.Q6_K, 31, 32), (Q.Q3_K, 21, 32),
+                                  (Q.Q4_K, 5, 24), (Q.Q5_K, 9, 28), (Q.Q6_K, 31, 28), (Q.Q3_K, 21, 32),
                                   (Q.Q2_K, 21, 32), (Q.Q8_K, 7, 40)):
         n, k = 64, 512
         if qtype in (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q5_0):   # real scales (random ones may overflow 128 d in f16)

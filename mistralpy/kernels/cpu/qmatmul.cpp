@@ -64,13 +64,14 @@ inline float load_scale(const uint8_t* p) {
 //   64 bytes, byte 4 r + i = u[r][4 j + i]; 4-bit: 4 vectors v of 64 bytes, byte 4 r + i = u[r][4 v + i] |
 //   u[r][4 v + 16 + i] << 4 (so the low nibbles are the first half, the high ones the second); 5-bit:
 //   the 4-bit layout of the low nibbles, then 8 little-endian uint64 masks (one per quad j, bit 4 r + i =
-//   bit 4 of u[r][4 j + i]); 6-bit (no m section: m = -32 d): the 4-bit layout of the low nibbles, then
+//   bit 4 of u[r][4 j + i]); 6-bit (Q6_K): scales as the file keeps them, f16 d[16] (the superblock's) and
+//   int8 sc[2][16] (d_g = d sc_g, exact in f32; no m section: m = -32 d_g), then the 4-bit layout of the low nibbles, then
 //   two 64-byte vectors of the top two bits, byte 4 r + i of the first = sum_v (u[r][4 v + i] >> 4) << 2 v,
 //   of the second the same for u[r][16 + 4 v + i].
 template <int BITS, typename S, int G>
 struct Tiled {
   static constexpr int64_t R = 16;
-  static constexpr int64_t SB = sizeof(S) * R * G;      // bytes of the d's
+  static constexpr int64_t SB = BITS == 6 ? 4 * R : sizeof(S) * R * G;   // bytes of the d's (6-bit: d and sc)
   static constexpr int64_t MB = BITS == 6 ? 0 : SB;     // bytes of the m's
   static constexpr int64_t QB = R * QK * BITS / 8;       // bytes of values (5/6 bits: nibbles, then the rest)
   static constexpr int64_t BYTES = SB + MB + QB;
@@ -78,6 +79,13 @@ struct Tiled {
 
 // m of group g (rows of one 16-lane vector / one 8-lane half): stored, or -32 d for the 6-bit format.
 constexpr float SIX_BIT_OFFSET = -32.f;
+
+// The 6-bit format's d of group g, row r: f16 d[r] times int8 sc[g][r].
+inline float six_bit_d(const uint8_t* tb, int g, int r) {
+  uint16_t h;
+  std::memcpy(&h, tb + 2 * r, 2);
+  return c10::detail::fp16_ieee_to_fp32_value(h) * static_cast<float>(static_cast<int8_t>(tb[32 + 16 * g + r]));
+}
 
 template <typename S>
 inline float scale_at(const uint8_t* p, int r) {
@@ -183,7 +191,11 @@ inline void tile_dot(const uint8_t* t, const int8_t* xq, const float* xd, const 
       }
     }
     for (int g = 0; g < G; ++g) {
-      const __m512 d = load16<S>(tb + g * 16 * sizeof(S));
+      const __m512 d = BITS == 6
+          ? _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(tb))),
+                          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                              _mm_loadu_si128(reinterpret_cast<const __m128i*>(tb + 32 + 16 * g)))))
+          : load16<S>(tb + g * 16 * sizeof(S));
       const __m512 m = BITS == 6 ? _mm512_mul_ps(d, _mm512_set1_ps(SIX_BIT_OFFSET))
                                  : load16<S>(tb + F::SB + g * 16 * sizeof(S));
 #pragma GCC unroll 8
@@ -316,7 +328,11 @@ inline void tile_dot(const uint8_t* t, const int8_t* xq, const float* xd, const 
         }
       }
       for (int g = 0; g < G; ++g) {
-        const __m256 d = load8<S>(tb + (g * 16 + 8 * h) * sizeof(S));
+        const __m256 d = BITS == 6
+            ? _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tb + 16 * h))),
+                            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                _mm_loadl_epi64(reinterpret_cast<const __m128i*>(tb + 32 + 16 * g + 8 * h)))))
+            : load8<S>(tb + (g * 16 + 8 * h) * sizeof(S));
         __m256 m = BITS == 6 ? _mm256_mul_ps(d, _mm256_set1_ps(SIX_BIT_OFFSET))
                              : load8<S>(tb + F::SB + (g * 16 + 8 * h) * sizeof(S));
         // 8-bit sums were of w = u - 128: sum u q = sum w q + 128 sum q, i.e. m + 128 d against sx
@@ -374,7 +390,7 @@ inline void tile_dot(const uint8_t* t, const int8_t* xq, const float* xd, const 
         const int64_t xi = i * nb + b;
         const int8_t* xb = xq + xi * QK;
         for (int g = 0; g < G; ++g) {
-          const float d = scale_at<S>(tb, g * 16 + r);
+          const float d = BITS == 6 ? six_bit_d(tb, g, r) : scale_at<S>(tb, g * 16 + r);
           const float m = BITS == 6 ? d * SIX_BIT_OFFSET : scale_at<S>(tb + F::SB, g * 16 + r);
           int32_t s = 0;
           for (int k = g * QK / G; k < (g + 1) * QK / G; ++k) s += static_cast<int32_t>(u[k]) * xb[k];

@@ -125,7 +125,7 @@ _FIVE_BIT = frozenset({Q.Q5_0, Q.Q5_1, Q.Q5_K})
 FORMATS: dict[int, tuple[int, bool, int, bool]] = {
     4: (4, False, 1, True), 5: (4, True, 1, True), 6: (8, False, 1, True), 7: (8, True, 1, True),
     8: (5, False, 1, True), 9: (5, True, 1, True), 21: (4, True, 2, True),
-    31: (6, True, 2, False),   # Q6_K: m = -32 d, not stored
+    31: (6, True, 2, False),   # Q6_K: f16 d per row and int8 sc per group (d_g = d sc_g), m = -32 d_g
 }
 SIX_BIT_OFFSET = -32.0
 
@@ -136,6 +136,19 @@ def _bits_of(fmt: int) -> int:
 
 def _groups_of(fmt: int) -> int:
     return FORMATS[fmt][2]
+
+
+def _six_bit_scales(raw: torch.Tensor, n: int, nb: int, tiles: int, pad: int, d: torch.Tensor) -> list[torch.Tensor]:
+    """Q6_K's scales as the file keeps them, per tile-block: f16 d [16 rows] (its superblock's), then
+    int8 sc [2 groups][16 rows]; checked to multiply back to the exact group scales `d`."""
+    b = raw.reshape(-1, 210)
+    d16 = b[:, 208:210].contiguous().view(torch.float16).reshape(n, -1, 1).expand(-1, -1, 8).reshape(n, nb)
+    sc = b[:, 192:208].contiguous().view(torch.int8).reshape(n, nb, 2)
+    if not torch.equal(d16.float().unsqueeze(-1) * sc.float(), d.reshape(n, nb, 2)):
+        raise ValueError("Q6_K scales do not multiply back to the group scales")
+    d16 = F.pad(d16, (0, 0, 0, pad)).reshape(tiles, _TILE, nb).transpose(1, 2).contiguous().view(torch.uint8)
+    sc = F.pad(sc, (0, 0, 0, 0, 0, pad)).reshape(tiles, _TILE, nb, 2).permute(0, 2, 3, 1).contiguous()
+    return [d16.reshape(tiles, nb, 32), sc.view(torch.uint8).reshape(tiles, nb, 32)]
 
 
 def encode_affine(raw: torch.Tensor, qtype: Q, out_features: int, in_features: int) -> tuple[torch.Tensor, int]:
@@ -170,9 +183,11 @@ def encode_affine(raw: torch.Tensor, qtype: Q, out_features: int, in_features: i
         u = torch.cat((u.reshape(tiles, nb, -1), top.reshape(tiles, nb, -1)), dim=2)
         if not torch.equal(m, SIX_BIT_OFFSET * d):
             raise ValueError("6-bit blocks need m = -32 d")
-    sc = [F.pad(v.reshape(out_features, nb * groups), (0, 0, 0, pad)).reshape(tiles, _TILE, nb, groups)
-          .permute(0, 2, 3, 1).reshape(tiles, nb, groups * _TILE)
-          .to(sdt).contiguous().view(torch.uint8) for v in ((d,) if bits == 6 else (d, m))]  # [T, nb, g * 16 * sb]
+        sc = _six_bit_scales(raw, out_features, nb, tiles, pad, d)
+    else:
+        sc = [F.pad(v.reshape(out_features, nb * groups), (0, 0, 0, pad)).reshape(tiles, _TILE, nb, groups)
+              .permute(0, 2, 3, 1).reshape(tiles, nb, groups * _TILE)
+              .to(sdt).contiguous().view(torch.uint8) for v in (d, m)]  # [T, nb, g * 16 * sb]
     packed = torch.cat((*sc, u.reshape(tiles, nb, -1)), dim=2).contiguous()
     fmt = next(f for f, spec in FORMATS.items() if spec == (bits, not f16, groups, bits != 6))
     return packed, fmt
@@ -226,9 +241,14 @@ class CpuQMatmulKernel:
         tiles, nb = blk.shape[0], blk.shape[1]
         bits, f32, g, has_m = FORMATS[self.fmt]
         sdt, sb = (torch.float32, 64 * g) if f32 else (torch.float16, 32)
+        if bits == 6:   # f16 d [16] and int8 sc [2, 16]: d_g = d sc_g
+            sb = 64
+            d16 = blk[..., :32].contiguous().view(torch.float16).float().reshape(tiles, nb, 1, _TILE)
+            dg = d16 * blk[..., 32:64].contiguous().view(torch.int8).float().reshape(tiles, nb, g, _TILE)
+        else:
+            dg = blk[..., :sb].contiguous().view(sdt).float().reshape(tiles, nb, g, _TILE)
         mb = sb if has_m else 0
-        # [T, nb, g, 16] -> [T, 16, nb, g]
-        d = blk[..., :sb].contiguous().view(sdt).float().reshape(tiles, nb, g, _TILE).permute(0, 3, 1, 2)
+        d = dg.permute(0, 3, 1, 2)   # [T, nb, g, 16] -> [T, 16, nb, g]
         if has_m:
             m = blk[..., sb:sb + mb].contiguous().view(sdt).float().reshape(tiles, nb, g, _TILE).permute(0, 3, 1, 2)
         else:
