@@ -2,10 +2,11 @@
 
 Every GGUF block type is held, *exactly*, as ``w = u * d + m`` per group with ``u`` unsigned
 (4 bits for Q4_0 / Q4_1 / Q4_K and, with 16-value groups, Q2_K / Q3_K; 5 for Q5_0 / Q5_1 / Q5_K;
-8 for Q8_0 / Q8_K / IQ4_NL / IQ4_XS and, with 16-value groups, Q6_K) and (d, m) in f16 where that is
-exact (Q4_1 keeps its file bytes), else f32 (the K-quants' d * scale products). A group is a block
-of 32 values, or each half of one for the K-quants with 16-value sub-blocks (Q2_K, Q3_K, Q6_K: two
-(d, m) per 32 values). Signed types store ``u = q + 128`` (or + 4, + 8, + 16, + 32) with the offset
+8 for Q8_0 / Q8_K / IQ4_NL / IQ4_XS; 6 for Q6_K, with 16-value groups) and (d, m) in f16 where that
+is exact (Q4_1 keeps its file bytes), else f32 (the K-quants' d * scale products). A group is a
+block of 32 values, or each half of one for the K-quants with 16-value sub-blocks (Q2_K, Q3_K: two
+(d, m) per 32 values; Q6_K keeps the file's f16 d and int8 sub-block scales, m = -32 d implied:
+0.875 byte a weight against the file's 0.82). Signed types store ``u = q + 128`` (or + 4, + 8, + 16, + 32) with the offset
 folded into m.
 
 The product quantizes each activation row to int8 blocks of 32 once per call (llama.cpp's q8_1:
