@@ -112,24 +112,7 @@ inline void wsum_regs(float* acc, const float* w, const T* v0, int64_t stride, i
   for (int i = 0; i < NR; ++i) _mm512_storeu_ps(acc + 16 * i, a[i]);
 }
 
-template <typename T>
-inline void wsum_rows(float* acc, const float* w, const T* v0, int64_t stride, int64_t nr, int64_t Dv) {
-  int64_t d = 0;
-  for (; d + 128 <= Dv; d += 128) wsum_regs<8>(acc + d, w, v0 + d, stride, nr);
-  switch ((Dv - d) / 16) {
-    case 7: wsum_regs<7>(acc + d, w, v0 + d, stride, nr); break;
-    case 6: wsum_regs<6>(acc + d, w, v0 + d, stride, nr); break;
-    case 5: wsum_regs<5>(acc + d, w, v0 + d, stride, nr); break;
-    case 4: wsum_regs<4>(acc + d, w, v0 + d, stride, nr); break;
-    case 3: wsum_regs<3>(acc + d, w, v0 + d, stride, nr); break;
-    case 2: wsum_regs<2>(acc + d, w, v0 + d, stride, nr); break;
-    case 1: wsum_regs<1>(acc + d, w, v0 + d, stride, nr); break;
-    default: break;
-  }
-  d += (Dv - d) / 16 * 16;
-  for (; d < Dv; ++d)
-    for (int64_t r = 0; r < nr; ++r) acc[d] += w[r] * to_f(v0[r * stride + d]);
-}
+constexpr int64_t LANES = 16;
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define MISTRALPY_PAGED_AVX2 1
 template <typename T>
@@ -180,11 +163,16 @@ inline void wsum_regs(float* acc, const float* w, const T* v0, int64_t stride, i
   for (int i = 0; i < NR; ++i) _mm256_storeu_ps(acc + 8 * i, a[i]);
 }
 
+constexpr int64_t LANES = 8;
+#endif
+
+#if defined(__AVX512F__) || defined(MISTRALPY_PAGED_AVX2)
+// acc += sum_r w[r] v_r over Dv: blocks of 8 vectors of LANES, then the remaining vectors, then scalars.
 template <typename T>
 inline void wsum_rows(float* acc, const float* w, const T* v0, int64_t stride, int64_t nr, int64_t Dv) {
   int64_t d = 0;
-  for (; d + 64 <= Dv; d += 64) wsum_regs<8>(acc + d, w, v0 + d, stride, nr);
-  switch ((Dv - d) / 8) {
+  for (; d + 8 * LANES <= Dv; d += 8 * LANES) wsum_regs<8>(acc + d, w, v0 + d, stride, nr);
+  switch ((Dv - d) / LANES) {
     case 7: wsum_regs<7>(acc + d, w, v0 + d, stride, nr); break;
     case 6: wsum_regs<6>(acc + d, w, v0 + d, stride, nr); break;
     case 5: wsum_regs<5>(acc + d, w, v0 + d, stride, nr); break;
@@ -194,7 +182,7 @@ inline void wsum_rows(float* acc, const float* w, const T* v0, int64_t stride, i
     case 1: wsum_regs<1>(acc + d, w, v0 + d, stride, nr); break;
     default: break;
   }
-  d += (Dv - d) / 8 * 8;
+  d += (Dv - d) / LANES * LANES;
   for (; d < Dv; ++d)
     for (int64_t r = 0; r < nr; ++r) acc[d] += w[r] * to_f(v0[r * stride + d]);
 }
