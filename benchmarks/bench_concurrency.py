@@ -354,8 +354,9 @@ def report(res: dict) -> str:
             cells.append("—" if r is None else f"{fmt(r['ttft_s']['mean'], '.2f')} / {fmt(r['itl_ms_mean'])}")
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines += ["", ("Notes: llama.cpp = llama-cpp-python's server, which serializes requests (one context behind "
-                   "a lock); llama-server = llama.cpp's C++ server, continuous batching over -np slots. transformers = one "
-                   "left-padded static batch per level (TTFT = 1-token batch time; GGUF dequantized to "
+                   "a lock); llama-server = llama.cpp's C++ server, continuous batching over -np slots. "
+                   "transformers = one left-padded static batch per level (TTFT = 1-token batch time; "
+                   "GGUF dequantized to "
                    f"{cfg['tf_dtype']}). mistralpy dtype {cfg.get('mistralpy_dtype', cfg['dtype'])}"
                    f"{', compiled' if cfg['compile'] else ''}."),
               (f"Machine: {mach['cpu']} ({mach['cpu_family_model']}), {mach['usable_cpus']}/{mach['logical_cpus']} "

@@ -21,11 +21,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mistralpy.kernels import cpu as cpu_ext
 from mistralpy.layers import cpu_fused
 from mistralpy.layers.activation import act_and_mul, gelu_tanh
 from mistralpy.layers.norm import RMSNorm
 from mistralpy.layers.rotary import get_rope
-from mistralpy.kernels import cpu as cpu_ext
 
 pytestmark = pytest.mark.skipif(not cpu_fused.available(), reason="CPU extension could not be built")
 ACTS = [F.silu, gelu_tanh, F.gelu, F.relu]

@@ -22,8 +22,8 @@ from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
 from mistralpy.kernels import cpu as cpu_ext
-from mistralpy.quant.gguf import kernels_cpu as gguf_kernels_cpu
 from mistralpy.quant.gguf import kernels as gk
+from mistralpy.quant.gguf import kernels_cpu as gguf_kernels_cpu
 from mistralpy.quant.gguf.dequant import BLOCK_SIZES, dequantize
 from mistralpy.quant.gguf.kernels_cpu import CPU_EXT_TYPES, CpuQMatmulKernel, encode_affine
 from tests.test_gguf_dequant import _random_raw

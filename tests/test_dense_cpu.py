@@ -12,10 +12,10 @@ import torch
 from fixtures_models import build_checkpoint
 
 from mistralpy import Engine, SamplingParams
+from mistralpy.kernels import cpu as cpu_ext
 from mistralpy.layers import dense_cpu
 from mistralpy.layers.linear import Linear
 from mistralpy.layers.matmul import linear, prepack_linear_weights, unpacked
-from mistralpy.kernels import cpu as cpu_ext
 
 needs_dense = pytest.mark.skipif(not dense_cpu.available(), reason="no AVX512-BF16 build of the CPU extension")
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from mistralpy.quant.gguf import kernels as gk
 from mistralpy.quant.gguf import int4pack_layout as L
+from mistralpy.quant.gguf import kernels as gk
 from mistralpy.quant.gguf.dequant import dequantize
 from mistralpy.quant.gguf.kernels_encode import Planes, encode_planes
 from tests.test_gguf_dequant import _random_raw

@@ -14,8 +14,8 @@ import torch
 from fixtures_models import build_checkpoint
 
 from mistralpy import Engine, SamplingParams
-from mistralpy.layers import dense_cpu
 from mistralpy.kernels import cpu as cpu_ext
+from mistralpy.layers import dense_cpu
 from mistralpy.quant.gguf.kernels_cpu import fast as qmm_fast
 
 pytestmark = pytest.mark.skipif(not cpu_ext.load(), reason="CPU extension unavailable")

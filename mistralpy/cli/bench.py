@@ -103,7 +103,8 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
         "cpu": cpu, "cpu_family_model": f"{family}/{model}", "logical_cpus": os.cpu_count(),
         "usable_cpus": usable_cpus(), "threads": threads or torch.get_num_threads(),
         "isa": [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags],
-        "cpu_kernels": cpu_ext.loaded_variant() or "unavailable", "memory_gb": mem_gb, "loadavg": loadavg, "python": platform.python_version(),
+        "cpu_kernels": cpu_ext.loaded_variant() or "unavailable", "memory_gb": mem_gb, "loadavg": loadavg,
+        "python": platform.python_version(),
         "torch": torch.__version__, "mistralpy": mistralpy.__version__, "mistralpy_commit": _git_commit(),
     }
     if torch.cuda.is_available():

@@ -13,10 +13,10 @@ from mistralpy.config import (
     EngineConfig,
     ModelConfig,
     SchedulerConfig,
+    cpu_supports_bf16,
     derive_max_model_len,
     read_json,
     resolve_device,
-    cpu_supports_bf16,
     resolve_dtype,
 )
 from mistralpy.engine.core import EngineCore

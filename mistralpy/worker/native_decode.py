@@ -28,6 +28,7 @@ from torch import nn
 
 from mistralpy.attention import cpu_paged
 from mistralpy.attention.torch_ref import TorchRefBackend, TorchRefMetadata
+from mistralpy.kernels import cpu as cpu_ext
 from mistralpy.layers import activation, cpu_fused, dense_cpu
 from mistralpy.layers.linear import ConcatKernel, Linear
 from mistralpy.layers.mlp import GatedMLP
@@ -36,7 +37,6 @@ from mistralpy.layers.rotary import RotaryEmbedding
 from mistralpy.models.gemma import GemmaDecoderLayer, GemmaModel
 from mistralpy.models.gemma2 import Gemma2DecoderLayer
 from mistralpy.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaModel
-from mistralpy.kernels import cpu as cpu_ext
 
 log = logging.getLogger(__name__)
 

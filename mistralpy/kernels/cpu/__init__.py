@@ -17,10 +17,11 @@ ISA variants (``VARIANTS``): ``avx512`` (x86-64-v4 + VNNI, + BF16 where the CPU 
 architectures such as aarch64: the portable code that defines behaviour). The sources pick their
 SIMD paths with ``#if defined(__AVX512...__)`` / ``__AVX2__``, so one source builds every variant.
 ``runnable_variants()`` reads the CPU's flags (``/proc/cpuinfo``, as cpuid reports them);
-``load()`` builds the best one the CPU runs into ``mistralpy_cpu``, or the one
-``MISTRALPY_CPU_ISA=avx512|avx2|scalar`` asks for (a variant the CPU cannot run is refused with a
-warning, and the best runnable one below it is used). The tests load every other runnable variant
-beside it (``load_variant``) and run the same checks on each.
+``load()`` builds the best one the CPU runs, or the one ``MISTRALPY_CPU_ISA=avx512|avx2|scalar``
+asks for (a variant the CPU cannot run is refused with a warning, and the best runnable one below
+it is used). Each variant is compiled into its own op namespace, ``mistralpy_cpu_<variant>``
+(``variant_namespace``), which callers reach through ``ops()``; the tests load every other runnable
+variant beside it (``load_variant``) and run the same checks on each.
 
 Each source registers its ops with ``TORCH_LIBRARY_FRAGMENT`` (one library, many files) and reports
 the SIMD path it took through its ``*isa`` op; the Python module that wraps a source's ops registers
@@ -48,7 +49,9 @@ _HERE = Path(__file__).parent
 
 def sources() -> list[Path]:
     return sorted(_HERE.glob("*.cpp"))
-_lock = threading.Lock()
+
+
+_lock = threading.RLock()   # load() holds it while load_variant() takes it again
 _state: dict[str, bool] = {}
 NAMESPACE_PREFIX = "mistralpy_cpu"   # + "_" + variant
 
@@ -100,7 +103,7 @@ def march_flags(variant: str) -> list[str]:
 
 
 def selected_variant() -> str:
-    """The variant ``mistralpy_cpu`` is built for: MISTRALPY_CPU_ISA if set and runnable, else the best."""
+    """The variant ``load()`` takes: MISTRALPY_CPU_ISA if set and runnable, else the best."""
     runnable = runnable_variants()
     want = os.environ.get("MISTRALPY_CPU_ISA", "auto").strip().lower() or "auto"
     if want == "auto":
@@ -114,28 +117,28 @@ def selected_variant() -> str:
     return lower[0]
 
 
-def _flags(namespace: str, variant: str) -> list[str]:
+def _flags(variant: str) -> list[str]:
     # -ffp-contract=off: g++ would fuse a * b + c of the plain C++ paths into FMAs on FMA targets,
     # changing their float32 results against torch's (the intrinsic FMAs are written out)
     return ["-O3", "-std=c++17", "-fPIC", "-shared", "-fopenmp", "-ffp-contract=off", *march_flags(variant),
-            f"-DQMM_NS={namespace}",
+            f"-DQMM_NS={variant_namespace(variant)}",
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
 
 
-def library_path(namespace: str, variant: str) -> Path:
+def library_path(variant: str) -> Path:
     h = hashlib.sha256()
     parts = [src.read_bytes() for src in [*sources(), *sorted(_HERE.glob("*.h"))]]  # headers too
-    parts += [" ".join(_flags(namespace, variant)).encode(), torch.__version__.encode(), sys.version.encode()]
+    parts += [" ".join(_flags(variant)).encode(), torch.__version__.encode(), sys.version.encode()]
     for part in parts:
         h.update(part)
-    return cache_dir() / f"{namespace}.{variant}.{h.hexdigest()[:16]}.so"
+    return cache_dir() / f"{variant_namespace(variant)}.{h.hexdigest()[:16]}.so"
 
 
-def build(namespace: str, variant: str) -> Path:
-    """Compile (if not cached) and return the shared library for `namespace` built as `variant`."""
+def build(variant: str) -> Path:
+    """Compile (if not cached) and return the shared library of `variant`."""
     from torch.utils import cpp_extension
 
-    out = library_path(namespace, variant)
+    out = library_path(variant)
     if out.exists():
         return out
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
@@ -150,11 +153,11 @@ def build(namespace: str, variant: str) -> Path:
     log.info("building the CPU kernel extension (%s) with g++ (once per machine, ~20-60 s) ...", variant)
     with tempfile.TemporaryDirectory(dir=out.parent) as objdir:
         try:
-            objs = _compile_objects(cxx, _flags(namespace, variant), includes, Path(objdir))
-            _check(subprocess.run([cxx, *_flags(namespace, variant), *objs, "-o", tmp, *libs],
+            objs = _compile_objects(cxx, _flags(variant), includes, Path(objdir))
+            _check(subprocess.run([cxx, *_flags(variant), *objs, "-o", tmp, *libs],
                                   check=False, capture_output=True, text=True))
             os.replace(tmp, out)
-            for stale in out.parent.glob(f"{namespace}.{variant}.*.so"):   # builds of older sources / torch versions
+            for stale in out.parent.glob(f"{variant_namespace(variant)}.*.so"):   # older sources / torch versions
                 if stale != out:
                     stale.unlink(missing_ok=True)
         finally:
@@ -190,22 +193,14 @@ def register_fakes(hook) -> None:
     """Add hook(namespace) that registers fake (meta) implementations of some ops; it runs for every
     namespace loaded (now, for those already loaded)."""
     _fake_hooks.append(hook)
-    for namespace in _loaded:
-        hook(namespace)
+    for ns in _loaded:
+        hook(ns)
 
 
 def variant_namespace(variant: str) -> str:
     """Each variant's ops live in their own namespace (``mistralpy_cpu_avx2``, ...), so every variant
     can be loaded in one process (the tests run each) and a library serves whichever process picks it."""
     return f"{NAMESPACE_PREFIX}_{variant}"
-
-
-def load_namespace(namespace: str, variant: str) -> None:
-    """Build (if needed) and load `variant` compiled into `namespace`."""
-    torch.ops.load_library(str(build(namespace, variant)))
-    _loaded.append(namespace)
-    for hook in _fake_hooks:
-        hook(namespace)
 
 
 def load_variant(variant: str) -> str:
@@ -216,7 +211,10 @@ def load_variant(variant: str) -> str:
     if ns not in _loaded:
         with _lock:
             if ns not in _loaded:
-                load_namespace(ns, variant)
+                torch.ops.load_library(str(build(variant)))
+                _loaded.append(ns)
+                for hook in _fake_hooks:
+                    hook(ns)
     return ns
 
 
@@ -249,10 +247,7 @@ def load() -> bool:
             else:
                 try:
                     variant = selected_variant()
-                    ns = variant_namespace(variant)
-                    if ns not in _loaded:
-                        load_namespace(ns, variant)
-                    _active[:] = [ns]
+                    _active[:] = [load_variant(variant)]
                     ok = True
                     log.info("CPU kernels: %s variant (%s)", variant, isa())
                 except Exception as exc:  # noqa: BLE001  (any build/load failure: torch's kernels stay in use)
@@ -266,6 +261,6 @@ def load() -> bool:
 def isa(namespace_: str | None = None, op: str = "isa") -> str:
     """The SIMD path a source of a build took (default: the chosen one), as its ``op`` reports it:
     ``isa`` (qmatmul.cpp: avx512vnni, avx2 or scalar), ``dense_isa`` (avx512bf16 or scalar),
-    ``fused_isa`` (avx512 or scalar), ``paged_isa`` (avx512 or scalar)."""
+    ``fused_isa`` (avx512, avx2 or scalar)."""
     ns = namespace_ or namespace()
     return bytes(getattr(getattr(torch.ops, ns), op)(torch.empty(0)).tolist()).decode()

@@ -310,13 +310,7 @@ inline void act_row_v(const T* g, const T* u, T* y, int64_t I, bool hf) {
 #if !defined(MISTRALPY_FUSED_AVX512) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define MISTRALPY_FUSED_AVX2 1
 using mistralpy_simd::exp8;
-
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const BF16* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-inline __m256 load8(const F16* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+using mistralpy_simd::load8;
 
 // float32 -> bf16 bits, round to nearest even (c10::BFloat16's rounding; NaN -> 0x7FC0).
 inline __m128i to_bf16_8(__m256 v) {

@@ -115,17 +115,7 @@ inline void wsum_regs(float* acc, const float* w, const T* v0, int64_t stride, i
 constexpr int64_t LANES = 16;
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define MISTRALPY_PAGED_AVX2 1
-template <typename T>
-inline __m256 load8(const T* p) {
-  if constexpr (std::is_same_v<T, float>) {
-    return _mm256_loadu_ps(p);
-  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  } else {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  }
-}
+using mistralpy_simd::load8;
 
 // 8 rows at a time: 8 accumulators in registers, reduced together (reduce8).
 template <typename T>

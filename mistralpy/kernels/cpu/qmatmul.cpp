@@ -2,10 +2,10 @@
 //
 // Weights: w = u * d + m per group, u unsigned (4, 5 or 8 bits), (d, m) per group in f16 or f32. A group
 // is a block of 32 values, or in the two-group formats each half of one (16 values: Q2_K / Q3_K / Q6_K's
-// sub-blocks); every GGUF type maps onto this exactly (gguf_kernels_cpu.py). They are stored row-tiled
+// sub-blocks); every GGUF type maps onto this exactly (quant/gguf/kernels_cpu.py). They are stored row-tiled
 // (see "row-tiled layout" below): fmt = 4 (4-bit u), 6 (8-bit) or 8 (5-bit), + 1 for f32 (d, m),
-// + 16 for two groups per block (f32 only); fmt 31: Q6_K's 6-bit u with two groups of f32 d and no stored m
-// (m = -32 d).
+// + 16 for two groups per block (f32 only); fmt 31: Q6_K's 6-bit u with two groups whose d is the file's
+// f16 d times its int8 sub-block scale, and no stored m (m = -32 d). visit_format lists them.
 // Activations: each row of x is quantized once per call to int8 blocks of 32 (q8_1: dx = amax / 127 in f16,
 // q = round(x * 127 / amax), sx = dx * sum(q) per group), so that
 //   y[n] = sum_g d_g * dx_b * sum_{j in g} u_j q_j + m_g * sx_g
@@ -479,36 +479,44 @@ void run_tiled(const uint8_t* W, int64_t N, int64_t nb, const int8_t* xq, const 
   });
 }
 
+// A weight format as template arguments: BITS, scale type S, groups per block G.
+template <int B, typename SC, int GR>
+struct Format {
+  static constexpr int BITS = B;
+  static constexpr int G = GR;
+  using S = SC;
+  using Tile = Tiled<B, SC, GR>;
+};
+
+// f(Format<...>{}) for weight format `fmt`: the one list of formats.
+template <typename F>
+void visit_format(int64_t fmt, F&& f) {
+  switch (fmt) {
+    case 4: return f(Format<4, uint16_t, 1>{});
+    case 5: return f(Format<4, float, 1>{});
+    case 6: return f(Format<8, uint16_t, 1>{});
+    case 7: return f(Format<8, float, 1>{});
+    case 8: return f(Format<5, uint16_t, 1>{});
+    case 9: return f(Format<5, float, 1>{});
+    case 21: return f(Format<4, float, 2>{});
+    case 31: return f(Format<6, float, 2>{});
+    default: TORCH_CHECK(false, "qmm: unknown weight format ", fmt);
+  }
+}
+
 template <typename OT>
 void dispatch(int64_t fmt, const uint8_t* W, int64_t N, int64_t nb, const int8_t* xq, const float* xd,
               const float* xs, const float* xh, int64_t M, OT* y) {
-  switch (fmt) {
-    case 4: return run_tiled<4, uint16_t, 1, OT>(W, N, nb, xq, xd, xs, xh, M, y);
-    case 5: return run_tiled<4, float, 1, OT>(W, N, nb, xq, xd, xs, xh, M, y);
-    case 6: return run_tiled<8, uint16_t, 1, OT>(W, N, nb, xq, xd, xs, xh, M, y);
-    case 7: return run_tiled<8, float, 1, OT>(W, N, nb, xq, xd, xs, xh, M, y);
-    case 8: return run_tiled<5, uint16_t, 1, OT>(W, N, nb, xq, xd, xs, xh, M, y);
-    case 9: return run_tiled<5, float, 1, OT>(W, N, nb, xq, xd, xs, xh, M, y);
-    case 21: return run_tiled<4, float, 2, OT>(W, N, nb, xq, xd, xs, xh, M, y);
-    case 31: return run_tiled<6, float, 2, OT>(W, N, nb, xq, xd, xs, xh, M, y);
-    default: TORCH_CHECK(false, "qmm: unknown weight format ", fmt);
-  }
+  visit_format(fmt, [&](auto f) {
+    using Fm = decltype(f);
+    run_tiled<Fm::BITS, typename Fm::S, Fm::G, OT>(W, N, nb, xq, xd, xs, xh, M, y);
+  });
 }
 
 // Bytes of weight data for n rows of nb blocks.
 int64_t weight_bytes(int64_t fmt, int64_t n, int64_t nb) {
   int64_t bytes = 0;
-  switch (fmt) {
-    case 4: bytes = Tiled<4, uint16_t, 1>::BYTES; break;
-    case 5: bytes = Tiled<4, float, 1>::BYTES; break;
-    case 6: bytes = Tiled<8, uint16_t, 1>::BYTES; break;
-    case 7: bytes = Tiled<8, float, 1>::BYTES; break;
-    case 8: bytes = Tiled<5, uint16_t, 1>::BYTES; break;
-    case 9: bytes = Tiled<5, float, 1>::BYTES; break;
-    case 21: bytes = Tiled<4, float, 2>::BYTES; break;
-    case 31: bytes = Tiled<6, float, 2>::BYTES; break;
-    default: TORCH_CHECK(false, "qmm: unknown weight format ", fmt);
-  }
+  visit_format(fmt, [&](auto f) { bytes = decltype(f)::Tile::BYTES; });
   return (n + 15) / 16 * nb * bytes;
 }
 

@@ -66,9 +66,9 @@ from gguf import GGMLQuantizationType as Q
 from mistralpy.layers.matmul import can_prepack, is_prepacked, linear, prepack, unpacked
 from mistralpy.quant.gguf import kernels_cpu as gguf_kernels_cpu
 from mistralpy.quant.gguf.dequant import BLOCK_SIZES, dequantize
+from mistralpy.quant.gguf.int4pack_layout import PackLayout, layout_for, mm_semantics_ok, pack
 from mistralpy.quant.gguf.kernels_cpu import CPU_EXT_TYPES, CpuQMatmulKernel
 from mistralpy.quant.gguf.kernels_encode import GROUP, PLANE_TYPES, Planes, encode_planes
-from mistralpy.quant.gguf.int4pack_layout import PackLayout, layout_for, mm_semantics_ok, pack
 
 __all__ = ["GGUFKernel", "Int4PlaneKernel", "chunk_rows", "dequantize_kernel_weight", "make_gguf_kernel"]
 

@@ -6,8 +6,8 @@ Every GGUF block type is held, *exactly*, as ``w = u * d + m`` per group with ``
 is exact (Q4_1 keeps its file bytes), else f32 (the K-quants' d * scale products). A group is a
 block of 32 values, or each half of one for the K-quants with 16-value sub-blocks (Q2_K, Q3_K: two
 (d, m) per 32 values; Q6_K keeps the file's f16 d and int8 sub-block scales, m = -32 d implied:
-0.875 byte a weight against the file's 0.82). Signed types store ``u = q + 128`` (or + 4, + 8, + 16, + 32) with the offset
-folded into m.
+0.875 byte a weight against the file's 0.82). Signed types store ``u = q + 128`` (or + 4, + 8, + 16,
++ 32) with the offset folded into m.
 
 The product quantizes each activation row to int8 blocks of 32 once per call (llama.cpp's q8_1:
 scale amax / 127, round to nearest) and sums integer dot products per group (AVX512-VNNI
@@ -108,7 +108,6 @@ def _enc(b: torch.Tensor, qtype: Q) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 CPU_EXT_TYPES: frozenset[Q] = frozenset({Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.IQ4_NL, Q.IQ4_XS, Q.Q4_K,
                                          Q.Q5_K, Q.Q2_K, Q.Q3_K, Q.Q6_K, Q.Q8_K})
-_TWO_GROUP = frozenset({Q.Q2_K, Q.Q3_K, Q.Q6_K})   # 16-value sub-blocks: two (d, m) per 32 values
 
 
 def _exact_f16(t: torch.Tensor) -> bool:
@@ -131,14 +130,6 @@ FORMATS: dict[int, tuple[int, bool, int, bool]] = {
 SIX_BIT_OFFSET = -32.0
 
 
-def _bits_of(fmt: int) -> int:
-    return FORMATS[fmt][0]
-
-
-def _groups_of(fmt: int) -> int:
-    return FORMATS[fmt][2]
-
-
 def _six_bit_scales(raw: torch.Tensor, n: int, nb: int, tiles: int, pad: int, d: torch.Tensor) -> list[torch.Tensor]:
     """Q6_K's scales as the file keeps them, per tile-block: f16 d [16 rows] (its superblock's), then
     int8 sc [2 groups][16 rows]; checked to multiply back to the exact group scales `d`."""
@@ -154,7 +145,7 @@ def _six_bit_scales(raw: torch.Tensor, n: int, nb: int, tiles: int, pad: int, d:
 
 def encode_affine(raw: torch.Tensor, qtype: Q, out_features: int, in_features: int) -> tuple[torch.Tensor, int]:
     """raw uint8 [N, row_bytes] GGUF rows -> (tiled uint8 [ceil(N / 16), K / 32, tile_bytes], fmt) for
-    ``qmm``: fmt = 4 (4-bit u), 6 (8-bit) or 8 (5-bit), + 1 for f32 scales, + 16 for two groups a block."""
+    ``qmm``, fmt one of ``FORMATS``."""
     from mistralpy.quant.gguf.dequant import BLOCK_SIZES
 
     ts = BLOCK_SIZES[qtype][1]

@@ -25,8 +25,7 @@ from functools import lru_cache
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from mistralpy.quant.gguf.dequant import (BLOCK_SIZES, IQ4NL_VALUES, _bits, _f16, _k_scale_min, _nibbles,
-                                          _q5_high)
+from mistralpy.quant.gguf.dequant import BLOCK_SIZES, IQ4NL_VALUES, _bits, _f16, _k_scale_min, _nibbles, _q5_high
 
 __all__ = ["PLANE_TYPES", "Planes", "encode_planes"]
 
