@@ -17,7 +17,7 @@ from mistralpy.layers import dense_cpu
 from mistralpy.layers.linear import Linear
 from mistralpy.layers.matmul import linear, prepack_linear_weights, unpacked
 
-needs_dense = pytest.mark.skipif(not dense_cpu.available(), reason="no AVX512-BF16 build of the CPU extension")
+needs_dense = pytest.mark.skipif(not dense_cpu.available(), reason="no SIMD (AVX512-BF16 or AVX2) build of the CPU extension")
 
 
 def _check_close(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> None:
@@ -95,9 +95,11 @@ def test_traced_by_torch_compile():
 
 
 def test_every_build_matches(variant_ops):
-    """Each ISA build the CPU runs (AVX512-BF16 dot products, or plain float math): the same sums."""
+    """Each ISA build the CPU runs (AVX512-BF16 dot products, AVX2 FMAs on widened bf16, plain float
+    math): within the same bound of the exact product."""
     variant, op = variant_ops
-    assert cpu_ext.isa(cpu_ext.variant_namespace(variant), "dense_isa") in ("avx512bf16", "scalar")
+    expected = {"avx512": ("avx512bf16", "avx2"), "avx2": ("avx2",)}.get(variant, ("scalar",))
+    assert cpu_ext.isa(cpu_ext.variant_namespace(variant), "dense_isa") in expected
     torch.manual_seed(5)
     w, x, b = torch.randn(48, 96, dtype=torch.bfloat16), torch.randn(9, 96, dtype=torch.bfloat16), torch.randn(48)
     _check_close(op.dense_mm(x, dense_cpu.pack(w), 48, b), x, w, b)

@@ -39,6 +39,21 @@ def test_auto_dtype_never_f16_on_cpu():
     assert resolve_dtype("bf16", cpu, None) == torch.bfloat16
 
 
+def test_auto_dtype_of_a_bf16_checkpoint_follows_the_dense_kernel():
+    """bf16 where the dense kernel has a SIMD path (AVX512-BF16 or AVX2) or bf16 is native, else f32;
+    an f32 checkpoint stays f32."""
+    from mistralpy.config import cpu_supports_bf16
+    from mistralpy.engine.builder import resolve_checkpoint_dtype
+    from mistralpy.layers import dense_cpu
+
+    cpu = torch.device("cpu")
+    fast = dense_cpu.available() or cpu_supports_bf16()
+    for ckpt in ("bfloat16", "float16"):
+        assert resolve_checkpoint_dtype("auto", cpu, ckpt) == (torch.bfloat16 if fast else torch.float32)
+    assert resolve_checkpoint_dtype("auto", cpu, "float32") == torch.float32
+    assert resolve_checkpoint_dtype("f32", cpu, "bfloat16") == torch.float32
+
+
 def test_bf16_engine_follows_transformers_bf16(tmp_path, tokenizer_dir):
     path = build_checkpoint(tmp_path / "bf16", "llama", tokenizer_dir, dtype=torch.bfloat16)
     eng = Engine(str(path), dtype="bf16", num_kv_blocks=16)

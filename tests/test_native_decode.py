@@ -89,7 +89,7 @@ def checkpoints(tmp_path_factory, tokenizer_dir):
 @pytest.mark.parametrize("batch", [1, 3, 16])
 def test_dense_bf16_matches_eager(checkpoints, monkeypatch, batch):
     if not dense_cpu.available():
-        pytest.skip("dense bf16 kernel needs AVX512-BF16")
+        pytest.skip("dense bf16 kernel needs AVX512-BF16 or AVX2")
     nat, sizes = _check_equal(checkpoints("llama"), PROMPTS[:batch], monkeypatch)
     assert max(sizes) == batch  # the whole batch decoded natively at least once
     assert all(f == 0 for f in nat.args["formats"])  # every linear dense
@@ -109,7 +109,7 @@ def test_isq_matches_eager(checkpoints, monkeypatch, isq, sizes, batch):
                                           ("llama_gqa4_headdim", "Q8_0"), ("llama_gqa4_headdim", None)])
 def test_families_match_eager(checkpoints, monkeypatch, variant, isq):
     if not (dense_cpu.available() and qmm_fast()):
-        pytest.skip("needs the AVX-512 kernels")
+        pytest.skip("needs the SIMD dense and qmm kernels (AVX512 or AVX2)")
     sizes = dict(SIZES, head_dim=32) if variant == "qwen3" else SIZES
     if variant == "llama_gqa4_headdim":
         sizes = {"hidden_size": 128, "intermediate_size": 256}  # its own 8 heads of 32, o/MLP biases
@@ -122,7 +122,7 @@ def test_families_match_eager(checkpoints, monkeypatch, variant, isq):
 
 def test_sliding_window_past_window(checkpoints, monkeypatch):
     if not dense_cpu.available():
-        pytest.skip("dense bf16 kernel needs AVX512-BF16")
+        pytest.skip("dense bf16 kernel needs AVX512-BF16 or AVX2")
     path = checkpoints("mistral_swa", dict(SIZES, sliding_window=8))
     nat, _ = _check_equal(path, [PROMPTS[0], PROMPTS[4], PROMPTS[2]], monkeypatch, max_tokens=20)
     assert set(nat.args["windows"]) == {8}
@@ -130,7 +130,7 @@ def test_sliding_window_past_window(checkpoints, monkeypatch):
 
 def test_rope_tables_grown(checkpoints, monkeypatch):
     if not dense_cpu.available():
-        pytest.skip("dense bf16 kernel needs AVX512-BF16")
+        pytest.skip("dense bf16 kernel needs AVX512-BF16 or AVX2")
     nat, _ = _check_equal(checkpoints("llama"), PROMPTS[:3], monkeypatch, shrink_rope=True)
     assert nat.rope.max_cached_position >= 40 + 12  # the longest sequence's last position fits
 
@@ -154,7 +154,7 @@ def test_disabled_by_env(checkpoints, monkeypatch):
 def test_compile_leaves_an_eligible_model_native(checkpoints, monkeypatch):
     """compile=True does not compile what the (faster) native loop runs, and starts without a warm-up."""
     if not dense_cpu.available():
-        pytest.skip("a dense bf16 model runs natively only on the AVX512-BF16 kernel")
+        pytest.skip("a dense bf16 model runs natively only on a SIMD dense kernel")
     monkeypatch.setenv("MISTRALPY_NATIVE_DECODE", "1")
     sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
     with Engine(str(checkpoints("llama")), dtype="bf16", num_kv_blocks=64, max_model_len=256, compile=True) as engine:
@@ -173,7 +173,7 @@ GEMMA_SIZES = dict(SIZES, head_dim=32)
 @pytest.mark.parametrize("isq", [None, "Q4_0", "Q8_0"])
 def test_gemma3_matches_eager(checkpoints, monkeypatch, isq):
     if not (dense_cpu.available() and qmm_fast()):
-        pytest.skip("needs the AVX-512 kernels")
+        pytest.skip("needs the SIMD dense and qmm kernels (AVX512 or AVX2)")
     # sliding window 8 with a local and a global layer (two rope tables), decoded past the window
     nat, ran = _check_equal(checkpoints("gemma3", GEMMA_SIZES), PROMPTS[:3], monkeypatch, isq=isq, max_tokens=16)
     assert max(ran) == 3
@@ -186,7 +186,7 @@ def test_gemma3_matches_eager(checkpoints, monkeypatch, isq):
 @pytest.mark.parametrize("variant", ["gemma", "gemma2"])
 def test_gemma_1_2_match_eager(checkpoints, monkeypatch, variant):
     if not dense_cpu.available():
-        pytest.skip("dense bf16 kernel needs AVX512-BF16")
+        pytest.skip("dense bf16 kernel needs AVX512-BF16 or AVX2")
     nat, _ = _check_equal(checkpoints(variant, GEMMA_SIZES), PROMPTS[:3], monkeypatch, max_tokens=16)
     assert nat.layout == (1 if variant == "gemma2" else 0) and not nat.qk_norm
     if variant == "gemma2":

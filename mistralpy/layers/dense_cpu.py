@@ -1,7 +1,8 @@
 """Dense bf16 products through the C++ extension (``kernels/cpu/dense.cpp``) on CPU.
 
 Weights are re-laid once after loading into "pair tiles" ([N/16, K/2, 16, 2], see dense.cpp), the
-layout the AVX512-BF16 dot-product instruction reads directly. Measured on a Zen 4 (2 threads,
+layout the AVX512-BF16 dot-product instruction reads directly (the AVX2 path widens it to float32
+in registers). Measured on a Zen 4 (2 threads,
 SmolLM2-135M's 120 layer weights, cycled so they come from memory): one decode row ~7 ms against
 oneDNN's prepacked 11 ms (30 against 19 GB/s), 16 rows 12.5 ms against 14.5 or more, prefill
 sizes about equal (256 rows: both near the bf16 dot-product peak). A packed weight is a 4-D bf16 tensor; ``layers.matmul.linear`` knows it.
@@ -16,13 +17,13 @@ _op: list = []   # the chosen variant's dense_mm, looked up once
 
 
 def available() -> bool:
-    """True when the extension is built with the AVX512-BF16 path (not its slow portable one)."""
+    """True when the loaded extension has a SIMD path (AVX512-BF16 or AVX2), not its slow portable one."""
     if "ok" not in _state:
         from mistralpy.kernels import cpu as cpu_ext
 
         ok = cpu_ext.load()
         if ok:
-            ok = cpu_ext.isa(op="dense_isa") == "avx512bf16"
+            ok = cpu_ext.isa(op="dense_isa") in ("avx512bf16", "avx2")
             cpu_ext.register_fakes(_register_fake)
             _op.append(cpu_ext.ops().dense_mm.default)
         _state["ok"] = ok

@@ -8,160 +8,23 @@
 //       offset != 0: T((x * r) * (offset + w))  (Gemma)
 //   act_and_mul(gate_up [..., 2I], act, hf_rounding) -> [..., I] = T(act(gate) * up); act 0 silu,
 //       1 gelu-tanh, 2 gelu (erf), 3 relu; hf_rounding: T(T(act(gate)) * up), HF's two roundings
-//   rope(positions [T], q [T, Hq, D], k [T, Hk, D], cos [n, rd/2], sin [n, rd/2]) -> (q', k'): Neox
-//       half-split rotation of the first rd dims (x1 c - x2 s, x2 c + x1 s), the rest copied.
 //
-// x / gate_up / q / k may be strided views (last dim contiguous); outputs are new contiguous tensors.
-// The AVX-512 path covers every element (masked tails); the scalar path is the portable fallback.
+// (rope, the third, is rope.cpp.) x / gate_up may be strided views (last dim contiguous); outputs are
+// new contiguous tensors. AVX-512 and AVX2 paths (elementwise.h), the scalar path the portable fallback.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <torch/library.h>
 
-#include "simd.h"
-
+#include "elementwise.h"
 #include "kernels.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <string>
-#include <tuple>
-#include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define MISTRALPY_FUSED_AVX512 1
-#endif
-
 namespace {
-
-#if defined(__AVX512F__)
-using mistralpy_simd::exp16;
-#endif
-
-using BF16 = c10::BFloat16;
-using F16 = c10::Half;
-
-// A product that must be rounded on its own (torch multiplies, then adds): g++ would otherwise
-// contract a * b - c * d into an FMA and change the float32 result.
-inline float keep(float v) {
-#if defined(__GNUC__) && defined(__x86_64__)
-  asm("" : "+x"(v));
-#endif
-  return v;
-}
-
-template <typename T>
-inline float to_f(T v) {
-  return static_cast<float>(v);
-}
-
-template <typename T>
-inline float round_to(float v) {  // float -> T -> float (HF's h.to(dtype) before the weight product)
-  return static_cast<float>(static_cast<T>(v));
-}
-
-// Row addressing for tensors whose last dim is contiguous: the leading dims, coalesced.
-struct Rows {
-  int64_t n = 1;
-  int nd = 0;
-  int64_t size[8];
-  int64_t stride[8];
-  explicit Rows(const at::Tensor& t) {
-    for (int64_t d = 0; d + 1 < t.dim(); ++d) {
-      const int64_t s = t.size(d);
-      n *= s;
-      if (s == 1) continue;
-      if (nd > 0 && stride[nd - 1] == t.stride(d) * s) {
-        size[nd - 1] *= s;
-        stride[nd - 1] = t.stride(d);
-      } else {
-        size[nd] = s;
-        stride[nd] = t.stride(d);
-        ++nd;
-      }
-    }
-  }
-  int64_t offset(int64_t i) const {
-    if (nd == 1) return i * stride[0];
-    int64_t off = 0;
-    for (int d = nd - 1; d >= 0; --d) {
-      off += (i % size[d]) * stride[d];
-      i /= size[d];
-    }
-    return off;
-  }
-};
-
-// float32 / bf16 / fp16 only: f(T{}) with T the element type.
-template <typename F>
-void dispatch_float(at::ScalarType st, const char* op, F&& f) {
-  switch (st) {
-    case at::kFloat: return f(float{});
-    case at::kBFloat16: return f(BF16{});
-    case at::kHalf: return f(F16{});
-    default: TORCH_CHECK(false, op, ": dtype must be float32, bfloat16 or float16, got ", st);
-  }
-}
-
-// Last dim contiguous and at most 8 leading dims (else a contiguous copy).
-at::Tensor rowable(const at::Tensor& t) {
-  return (t.dim() > 0 && t.stride(-1) == 1 && t.dim() <= 9) ? t : t.contiguous();
-}
-
-#if defined(MISTRALPY_FUSED_AVX512)
-inline __m512 keep(__m512 v) {
-  asm("" : "+v"(v));
-  return v;
-}
-
-inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
-
-inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-inline __m512 load16(const BF16* p, __mmask16 m) {
-  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-inline __m512 load16(const F16* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
-
-// float32 -> bf16 bits, round to nearest even (c10::BFloat16's rounding; NaN -> 0x7FC0).
-inline __m256i to_bf16(__m512 v) {
-#if defined(__AVX512BF16__)
-  return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
-#else
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  return _mm512_cvtepi32_epi16(r);
-#endif
-}
-
-inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
-inline void store16(BF16* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, to_bf16(v)); }
-inline void store16(F16* p, __m512 v, __mmask16 m) {
-  _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-
-template <typename T>
-inline __m512 round_to(__m512 v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return v;
-  } else if constexpr (std::is_same_v<T, BF16>) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(v)), 16));
-  } else {
-    return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  }
-}
-
-#endif
 
 // ------------------------------------------------------------------------------------ rms_norm
 
@@ -199,14 +62,36 @@ void rms_row(const T* x, const W* w, T* y, int64_t H, float eps, float offset) {
 #else
   // The sum of squares in double: within half an ulp of the exact float, where torch's vectorized
   // float sums land too (a float running sum over thousands of values drifts several ulp).
+  int64_t j = 0;
   double ssd = 0.0;
-  for (int64_t j = 0; j < H; ++j) {
+#if defined(MISTRALPY_FUSED_AVX2)
+  __m256d acc[2] = {_mm256_setzero_pd(), _mm256_setzero_pd()};  // squares of floats are exact in double
+  for (; j + 8 <= H; j += 8) {
+    const __m256 v = load8(x + j);
+    const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(v)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1));
+    acc[0] = _mm256_fmadd_pd(lo, lo, acc[0]);
+    acc[1] = _mm256_fmadd_pd(hi, hi, acc[1]);
+  }
+  alignas(32) double part[4];
+  _mm256_store_pd(part, _mm256_add_pd(acc[0], acc[1]));
+  ssd = (part[0] + part[1]) + (part[2] + part[3]);
+#endif
+  for (; j < H; ++j) {
     const double v = to_f(x[j]);
     ssd += v * v;
   }
   const float ss = static_cast<float>(ssd);
   const float r = 1.0f / std::sqrt(ss / static_cast<float>(H) + eps);
-  for (int64_t j = 0; j < H; ++j) {
+  j = 0;
+#if defined(MISTRALPY_FUSED_AVX2)
+  const __m256 rv = _mm256_set1_ps(r), off = _mm256_set1_ps(offset);
+  for (; j + 8 <= H; j += 8) {
+    const __m256 h = keep(_mm256_mul_ps(load8(x + j), rv));
+    const __m256 wv = load8(w + j);
+    store8(y + j, offset != 0.0f ? _mm256_mul_ps(h, _mm256_add_ps(off, wv)) : _mm256_mul_ps(wv, round8<T>(h)));
+  }
+#endif
+  for (; j < H; ++j) {
     const float h = keep(to_f(x[j]) * r);
     const float out = offset != 0.0f ? h * (offset + to_f(w[j])) : to_f(w[j]) * round_to<T>(h);
     y[j] = static_cast<T>(out);
@@ -307,36 +192,8 @@ inline void act_row_v(const T* g, const T* u, T* y, int64_t I, bool hf) {
 }
 #endif
 
-#if !defined(MISTRALPY_FUSED_AVX512) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
-#define MISTRALPY_FUSED_AVX2 1
+#if defined(MISTRALPY_FUSED_AVX2)
 using mistralpy_simd::exp8;
-using mistralpy_simd::load8;
-
-// float32 -> bf16 bits, round to nearest even (c10::BFloat16's rounding; NaN -> 0x7FC0).
-inline __m128i to_bf16_8(__m256 v) {
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
-  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-  return _mm256_castsi256_si128(packed);
-}
-inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
-inline void store8(BF16* p, __m256 v) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_bf16_8(v)); }
-inline void store8(F16* p, __m256 v) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-template <typename T>
-inline __m256 round8(__m256 v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return v;
-  } else if constexpr (std::is_same_v<T, BF16>) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(to_bf16_8(v)), 16));
-  } else {
-    return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  }
-}
-
 // SiLU and gelu-tanh on 8 lanes (act16's formulas); full vectors only, the tail takes act_scalar.
 template <int ACT>
 inline __m256 act8(__m256 g) {
@@ -412,80 +269,11 @@ at::Tensor act_and_mul(const at::Tensor& x_in, int64_t act, bool hf_rounding) {
   return y;
 }
 
-// ---------------------------------------------------------------------------------------- rope
-
-// One head: o[:half] = x1 c - x2 s, o[half:rd] = x2 c + x1 s, o[rd:] = x[rd:]; each product is
-// rounded before the sum (torch's order), so float32 is bitwise equal to the torch path.
-template <typename T>
-inline void rope_head(const T* x, T* o, const float* c, const float* s, int64_t half, int64_t D) {
-  const int64_t rd = 2 * half;
-#if defined(MISTRALPY_FUSED_AVX512)
-  for (int64_t j = 0; j < half; j += 16) {
-    const __mmask16 m = tail_mask(half - j);
-    const __m512 x1 = load16(x + j, m), x2 = load16(x + half + j, m);
-    const __m512 cv = _mm512_maskz_loadu_ps(m, c + j), sv = _mm512_maskz_loadu_ps(m, s + j);
-    store16(o + j, _mm512_sub_ps(keep(_mm512_mul_ps(x1, cv)), keep(_mm512_mul_ps(x2, sv))), m);
-    store16(o + half + j, _mm512_add_ps(keep(_mm512_mul_ps(x2, cv)), keep(_mm512_mul_ps(x1, sv))), m);
-  }
-#else
-  for (int64_t j = 0; j < half; ++j) {
-    const float x1 = to_f(x[j]), x2 = to_f(x[half + j]);
-    o[j] = static_cast<T>(keep(x1 * c[j]) - keep(x2 * s[j]));
-    o[half + j] = static_cast<T>(keep(x2 * c[j]) + keep(x1 * s[j]));
-  }
-#endif
-  for (int64_t j = rd; j < D; ++j) o[j] = x[j];
-}
-
-template <typename T, typename P>
-void rope_one(const P* pos, const at::Tensor& x, at::Tensor& o, const float* cos, const float* sin, int64_t half) {
-  const int64_t Tn = x.size(0), H = x.size(1), D = x.size(2);
-  const int64_t s0 = x.stride(0), s1 = x.stride(1);
-  const T* xp = x.data_ptr<T>();
-  T* op = o.data_ptr<T>();
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
-  at::parallel_for(0, Tn * H, grain, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e; ++i) {
-      const int64_t t = i / H, h = i % H;
-      const int64_t p = static_cast<int64_t>(pos[t]);
-      rope_head(xp + t * s0 + h * s1, op + i * D, cos + p * half, sin + p * half, half, D);
-    }
-  });
-}
-
-std::tuple<at::Tensor, at::Tensor> rope(const at::Tensor& positions, const at::Tensor& q_in, const at::Tensor& k_in,
-                                        const at::Tensor& cos_in, const at::Tensor& sin_in) {
-  const at::Tensor q = rowable(q_in), k = rowable(k_in);
-  const at::Tensor cos = cos_in.contiguous(), sin = sin_in.contiguous();
-  const at::Tensor pos = positions.contiguous();
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3, "rope: q and k must be [T, H, D]");
-  TORCH_CHECK(pos.dim() == 1 && pos.size(0) == q.size(0) && k.size(0) == q.size(0), "rope: positions must be [T]");
-  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.dim() == 2 &&
-                  sin.sizes() == cos.sizes(), "rope: cos/sin must be float32 [n, rotary_dim / 2]");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type(), "rope: q and k must have one dtype");
-  const int64_t half = cos.size(1), n = cos.size(0);
-  TORCH_CHECK(2 * half <= q.size(2) && 2 * half <= k.size(2), "rope: rotary_dim exceeds head_dim");
-  TORCH_CHECK(pos.scalar_type() == at::kLong || pos.scalar_type() == at::kInt, "rope: positions must be int64/int32");
-  at::Tensor qo = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor ko = at::empty(k.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));
-  AT_DISPATCH_INDEX_TYPES(pos.scalar_type(), "rope_pos", [&] {
-    const index_t* pp = pos.data_ptr<index_t>();
-    for (int64_t t = 0; t < pos.size(0); ++t)  // an out-of-range position would read past the tables
-      TORCH_CHECK(pp[t] >= 0 && pp[t] < n, "rope: position ", pp[t], " outside the cos/sin cache (", n, ")");
-    dispatch_float(q.scalar_type(), "rope", [&](auto tag) {
-      using T = decltype(tag);
-      rope_one<T>(pp, q, qo, cos.data_ptr<float>(), sin.data_ptr<float>(), half);
-      rope_one<T>(pp, k, ko, cos.data_ptr<float>(), sin.data_ptr<float>(), half);
-    });
-  });
-  return {qo, ko};
-}
-
 at::Tensor fused_isa_code(const at::Tensor& like) {
 #if defined(MISTRALPY_FUSED_AVX512)
   return mistralpy_simd::string_tensor("avx512", like);
 #elif defined(MISTRALPY_FUSED_AVX2)
-  return mistralpy_simd::string_tensor("avx2", like);  // act_and_mul only; the rest is the scalar code
+  return mistralpy_simd::string_tensor("avx2", like);  // act_and_mul's gelu (erf) and relu: scalar code
 #else
   return mistralpy_simd::string_tensor("scalar", like);
 #endif
@@ -505,22 +293,16 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, double
 at::Tensor act_and_mul(const at::Tensor& x, int64_t act, bool hf_rounding) {
   return ::act_and_mul(x, act, hf_rounding);
 }
-std::tuple<at::Tensor, at::Tensor> rope(const at::Tensor& positions, const at::Tensor& q, const at::Tensor& k,
-                                        const at::Tensor& cos, const at::Tensor& sin) {
-  return ::rope(positions, q, k, cos, sin);
-}
 }  // namespace QMM_NS::kernels
 
 TORCH_LIBRARY_FRAGMENT(QMM_NS, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps, float offset) -> Tensor");
   m.def("act_and_mul(Tensor gate_up, int act, bool hf_rounding) -> Tensor");
-  m.def("rope(Tensor positions, Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
   m.def("fused_isa(Tensor like) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(QMM_NS, CPU, m) {
   m.impl("rms_norm", &rms_norm);
   m.impl("act_and_mul", &act_and_mul);
-  m.impl("rope", &rope);
   m.impl("fused_isa", &fused_isa_code);
 }

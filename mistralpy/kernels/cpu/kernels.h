@@ -20,7 +20,7 @@ namespace kernels {
 at::Tensor qmm(const at::Tensor& x, const at::Tensor& w, int64_t fmt, int64_t n);
 // dense.cpp: x [M, K] bf16 (contiguous) @ the pair-tiled weight (+ bias) -> [M, n]
 at::Tensor dense_mm(const at::Tensor& x, const at::Tensor& w, int64_t n, const std::optional<at::Tensor>& bias);
-// fused.cpp
+// fused.cpp, rope.cpp
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, double offset);
 at::Tensor act_and_mul(const at::Tensor& x, int64_t act, bool hf_rounding);
 std::tuple<at::Tensor, at::Tensor> rope(const at::Tensor& positions, const at::Tensor& q, const at::Tensor& k,
