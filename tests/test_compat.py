@@ -92,7 +92,7 @@ def test_refusals(runner, ckpt):
     with pytest.raises(InvalidRequestError, match="grammar_type"):
         runner.send_chat_completion_request(ChatCompletionRequest(model="default", messages=CHAT, grammar="x",
                                                                   grammar_type="ebnf"))
-    with pytest.raises(InvalidRequestError, match="only text content parts"):
+    with pytest.raises(InvalidRequestError, match="does not take images"):
         image = {"type": "image_url", "image_url": {"url": "x"}}
         runner.send_chat_completion_request(ChatCompletionRequest(
             model="default", messages=[{"role": "user", "content": [image]}]))

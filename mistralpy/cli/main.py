@@ -39,6 +39,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(Phi, MoE, float32, ...): faster decoding there; compiled by a warm-up at "
                         "start-up (~10-25 s on 2 cores, a few s once cached on disk)")
     e.add_argument("--max-seqs", type=int, default=32, help="max sequences running at once (default: 32)")
+    e.add_argument("--max-num-images", type=int, default=8, help="images per request, vision models (default: 8)")
     e.add_argument("--max-num-batched-tokens", type=int, default=512,
                    help="token budget per step; longer prompts are chunked (default: 512)")
     e.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
@@ -73,7 +74,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 token_source=args.token_source, tokenizer=args.tokenizer, chat_template=args.chat_template,
                 arch=args.arch, seed=args.seed, gguf_file=args.gguf_file,
                 isq=args.isq, topology=args.topology, compile=args.compile, tool_parser=args.tool_parser,
-                reasoning_parser=args.reasoning_parser)
+                reasoning_parser=args.reasoning_parser, max_num_images=args.max_num_images)
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -26,6 +26,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--cors-origins", nargs="*", default=[], metavar="ORIGIN",
                    help="allowed CORS origins, e.g. '*' (default: none, CORS off)")
     s.add_argument("--max-body-mb", type=float, default=16.0, help="request body size limit in MB (default: 16)")
+    s.add_argument("--max-media-mb", type=float, default=20.0,
+                   help="size limit of one fetched image or data: URL in MB (default: 20)")
+    s.add_argument("--allowed-media-domains", nargs="*", default=[], metavar="HOST",
+                   help="fetch image URLs from these hosts only (they may then resolve to private addresses)")
+    s.add_argument("--allow-private-media", action="store_true",
+                   help="let image URLs reach loopback / private / link-local addresses (off: the SSRF guard refuses them)")
     s.add_argument("--log-interval", type=float, default=5.0,
                    help="seconds between throughput log lines while busy (0 = off; default: 5)")
 
@@ -54,7 +60,10 @@ def serve_command(args: argparse.Namespace) -> int:
         registry = ModelRegistry.from_engine(engine, args.served_model_name)
     options = ServerOptions(served_model_name=args.served_model_name, api_key=args.api_key,
                             cors_origins=tuple(args.cors_origins), max_body_bytes=int(args.max_body_mb * 2**20),
-                            log_interval_s=args.log_interval)
+                            log_interval_s=args.log_interval, max_media_bytes=int(args.max_media_mb * 2**20),
+                            allowed_media_domains=tuple(args.allowed_media_domains),
+                            allow_private_media=args.allow_private_media,
+                            max_num_images=getattr(args, "max_num_images", 8))
     app = create_app(registry, options)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)

@@ -21,7 +21,7 @@ class KVCacheManager:
             i = len(req.block_hashes)
             parent = req.block_hashes[-1] if req.block_hashes else None
             tokens = [req.token_at(j) for j in range(i * bs, (i + 1) * bs)]
-            req.block_hashes.append(hash_block(parent, tokens))
+            req.block_hashes.append(hash_block(parent, tokens, req.media_hashes_in(i * bs, (i + 1) * bs)))
 
     def get_computed_blocks(self, req: Request) -> int:
         """Attach cached prefix blocks to a new request; returns the number of tokens they cover.

@@ -51,6 +51,7 @@ class Request:
     logprobs: list[Any] = field(default_factory=list)
     first_token_time: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # owner's bookkeeping (detokenizer, sink)
+    mm_items: list[Any] = field(default_factory=list)     # multimodal.inputs.MMItem, placeholders in the prompt
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -63,6 +64,15 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status == RequestStatus.FINISHED
+
+    def media_hashes_in(self, start: int, end: int) -> tuple[str, ...] | None:
+        """Hashes of the media items whose placeholder runs overlap prompt positions [start, end)
+        (a prefix-cache block covering them is only reused with the same media)."""
+        if not self.mm_items:
+            return None
+        hashes = tuple(it.hash for it in self.mm_items
+                       if it.placeholder.offset < end and start < it.placeholder.offset + it.placeholder.length)
+        return hashes or None
 
     def token_at(self, i: int) -> int:
         p = len(self.prompt_token_ids)

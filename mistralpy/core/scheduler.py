@@ -6,12 +6,17 @@ the next prefill chunk), then waiting ones while the budget, ``max_seqs`` and th
 allow. When blocks run out the newest running request is preempted: its blocks are freed and it
 is recomputed later (prefix caching usually makes that cheap). Chunked prefill, prefix-cache
 hits and preemption all fall out of this one rule.
+
+Media (multimodal requests) add a second budget per step, in encoder output rows: a chunk that
+would start encoding more images than the budget allows ends just before the first image that does
+not fit (it runs in a later step); an image larger than the whole budget runs alone.
 """
 from __future__ import annotations
 
 import logging
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from mistralpy.config import SchedulerConfig
 from mistralpy.core.kv_manager import KVCacheManager
@@ -38,9 +43,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, encoder_cache: Any = None) -> None:
         self.config = config
         self.kv = kv
+        self.encoder_cache = encoder_cache   # multimodal.encoder_cache.EncoderCache, for media models
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -67,6 +73,7 @@ class Scheduler:
             except ValueError:
                 pass
         self.kv.free(req)
+        self._release_media(req)
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         req.stop_reason = stop_reason
@@ -74,21 +81,48 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.kv.free(req)
+        self._release_media(req)
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
+    def _release_media(self, req: Request) -> None:
+        if self.encoder_cache is not None and req.mm_items:
+            self.encoder_cache.release(req.request_id)
+
+    def _fit_media(self, req: Request, num_new: int, enc: list[int], chunking: bool) -> int:
+        """num_new, or fewer so that the images this chunk must encode fit the step's encoder budget
+        ``enc[0]`` (rows left; charged here). 0: nothing of this request can run this step."""
+        if self.encoder_cache is None or not req.mm_items:
+            return num_new
+        start = req.num_computed_tokens
+        end = start + num_new
+        first = enc[0] == self.config.max_num_batched_tokens  # no encoder work scheduled yet
+        for item in req.mm_items:                          # in prompt order
+            r = item.placeholder
+            if r.offset >= end or r.offset + r.length <= start or item.hash in self.encoder_cache:
+                continue
+            if item.num_embeds <= enc[0] or first:
+                enc[0] -= item.num_embeds
+                first = False
+                continue
+            if chunking and r.offset > start:
+                return r.offset - start                    # stop before this image
+            return 0
+        return num_new
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         chunking = self.config.enable_chunked_prefill
+        enc = [budget]   # encoder rows left this step
 
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            num_new = self._fit_media(req, min(req.num_tokens - req.num_computed_tokens, budget), enc, True)
             if num_new <= 0:
                 i += 1
                 continue
@@ -117,6 +151,9 @@ class Scheduler:
             elif remaining <= budget or not out.seqs:
                 num_new = remaining  # a prompt longer than the budget still runs, alone
             else:
+                break
+            num_new = self._fit_media(req, num_new, enc, chunking)
+            if num_new <= 0:
                 break
             if not self.kv.allocate(req, num_new):
                 self.kv.free(req)  # give back the prefix blocks it was holding while waiting

@@ -113,7 +113,7 @@ class AsyncEngine:
             messages, params, tools=tools, tool_choice=tool_choice, add_generation_prompt=add_generation_prompt,
             chat_template_kwargs=chat_template_kwargs, enable_thinking=enable_thinking,
             reasoning_effort=reasoning_effort, parallel_tool_calls=parallel_tool_calls)
-        tracker, reqs = self.engine._prepare(text, params, add_special_tokens=False)
+        tracker, reqs = self.engine._prepare(text, params, add_special_tokens=False, images=spec.images)
         chat_id, created = oai.new_chat_id(), oai.now()
         name = self.engine.model_name
         if stream:
@@ -143,10 +143,11 @@ class AsyncEngine:
 
     # ---- building blocks for servers ---------------------------------------------------------
     def prepare(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
-                add_special_tokens: bool = True) -> tuple[RequestTracker, list]:
+                add_special_tokens: bool = True, images: list | None = None) -> tuple[RequestTracker, list]:
         """Tokenize and validate one prompt without submitting it (raises InvalidRequestError /
-        PromptTooLongError), so a server can check every prompt of a request before running any."""
-        return self.engine._prepare(prompt, sampling_params, add_special_tokens)
+        PromptTooLongError / MediaError), so a server can check every prompt of a request before
+        running any. ``images``: already fetched sources (bytes), in placeholder order."""
+        return self.engine._prepare(prompt, sampling_params, add_special_tokens, images=images)
 
     async def stream_prepared(self, prepared: Sequence[tuple[RequestTracker, list]]
                               ) -> AsyncIterator[tuple[int, CompletionOutput]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mistralpy.errors import InvalidRequestError
@@ -34,6 +34,7 @@ class ChatSpec:
     starts_in_reasoning: bool = False  # the prompt already opened the reasoning block
     strict_forced: str | None = None  # "auto" with strict tools: the format's forcing grammar (note_prompt)
     marker_tokens: Mapping[str, int] | None = None
+    images: list[Any] = field(default_factory=list)  # (source, part path) of the messages' images, in order
 
     @property
     def plain(self) -> bool:

@@ -19,9 +19,11 @@ from mistralpy.engine.chat_output import ChatSpec, chat_spec
 from mistralpy.engine.core import EngineCore, SeqUpdate
 from mistralpy.engine.input_processor import InputProcessor, Prompt, is_token_ids, new_request_id
 from mistralpy.engine.loop import EngineLoop
+from mistralpy.engine.media_input import MediaInput, split_image_parts
 from mistralpy.engine.output_tracker import RequestTracker
 from mistralpy.engine.outputs import OpenAIObject, RequestOutput
 from mistralpy.errors import EngineDeadError, InvalidRequestError
+from mistralpy.multimodal.inputs import MediaError
 from mistralpy.sampling_params import SamplingParams
 
 _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
@@ -43,8 +45,10 @@ def sampling_from_kwargs(kwargs: dict[str, Any], base: SamplingParams | None = N
         raise InvalidRequestError(str(exc)) from exc
 
 
-def normalize_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Validate chat messages; text-part lists become plain strings (joined by newlines)."""
+def normalize_messages(messages: Sequence[dict[str, Any]], images: list[Any] | None = None) -> list[dict[str, Any]]:
+    """Validate chat messages; text-part lists become plain strings (joined by newlines). With
+    ``images`` (a media model), image parts are collected there in order and their message keeps
+    a part list ({"type": "text"} / {"type": "image"}) for the template; without, they are refused."""
     if not isinstance(messages, (list, tuple)) or not messages:
         raise InvalidRequestError("messages must be a non-empty list", "messages")
     out = []
@@ -54,12 +58,8 @@ def normalize_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any
         msg = dict(msg)
         content = msg.get("content")
         if isinstance(content, list):
-            texts = []
-            for part in content:
-                if not isinstance(part, dict) or part.get("type") != "text":
-                    raise InvalidRequestError(f"messages[{i}]: only text content parts are supported", "messages")
-                texts.append(str(part.get("text", "")))
-            msg["content"] = "\n".join(texts)
+            parts, has_images = split_image_parts(content, f"messages[{i}]", images)
+            msg["content"] = parts if has_images else "\n".join(p["text"] for p in parts)
         elif content is not None and not isinstance(content, str):
             raise InvalidRequestError(f"messages[{i}].content must be a string or a list of parts", "messages")
         if msg.get("content") is None:
@@ -118,6 +118,15 @@ class Engine:
         self.inputs = InputProcessor(self.tokenizer, self.model_config.vocab_size, self.generation_defaults,
                                      self.core.max_total_tokens, self.core.config.device)
         self.tool_parser, self.reasoning_parser = self._output_formats()
+        self.media = self._media_input()
+
+    def _media_input(self) -> MediaInput | None:
+        """The family's image processor for a vision model (multimodal/processors), else None."""
+        from mistralpy.multimodal.processors import processor_for
+
+        mc = self.model_config
+        processor = processor_for(mc.architecture, mc.path, mc.hf_config, self.tokenizer)
+        return MediaInput(processor, self.options.max_num_images) if processor is not None else None
 
     def _output_formats(self) -> tuple[str | None, str | None]:
         """The model's tool-call and reasoning formats: configured, else detected from its template."""
@@ -144,12 +153,22 @@ class Engine:
     def detokenize(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
-    def _prepare(self, prompt: Prompt, params: SamplingParams | None,
-                 add_special_tokens: bool = True) -> tuple[RequestTracker, list]:
+    def _prepare(self, prompt: Prompt | dict[str, Any], params: SamplingParams | None,
+                 add_special_tokens: bool = True, images: Sequence[Any] | None = None) -> tuple[RequestTracker, list]:
+        if isinstance(prompt, dict):  # {"prompt": text or ids, "images": [...]} (vLLM: multi_modal_data)
+            images = list(prompt.get("images") or (prompt.get("multi_modal_data") or {}).get("image") or [])
+            prompt = prompt.get("prompt", prompt.get("prompt_token_ids"))
         text, ids = self.inputs.encode(prompt, add_special_tokens)
         params = self.inputs.resolve_params(params)
+        items: list = []
+        if images:
+            if self.media is None:
+                raise MediaError(f"{self.model_name} does not take images", "images")
+            ids, items = self.media.items(ids, images)
         rid = new_request_id()
         reqs = self.inputs.make_requests(rid, ids, params)
+        for req in reqs:
+            req.mm_items = list(items)
         key = params.structured
         if key is not None:  # on the caller's thread: a grammar the matcher rejects is this caller's error
             for req in reqs:
@@ -159,7 +178,7 @@ class Engine:
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
         """One RequestOutput per prompt (a string or a list of token ids), in order."""
-        if isinstance(prompts, str) or is_token_ids(prompts):
+        if isinstance(prompts, (str, dict)) or is_token_ids(prompts):
             prompts = [prompts]
         prompts = list(prompts)
         if isinstance(sampling_params, (list, tuple)):
@@ -208,11 +227,12 @@ class Engine:
     # ---- chat ----------------------------------------------------------------------------------
     def render_chat(self, messages: Sequence[dict[str, Any]], *, tools: list[dict] | None = None,
                     add_generation_prompt: bool = True, chat_template_kwargs: dict[str, Any] | None = None,
-                    enable_thinking: bool | None = None) -> str:
+                    enable_thinking: bool | None = None, images: list[Any] | None = None) -> str:
+        """The prompt text; a media model's image parts are appended to ``images`` (refused when None)."""
         kwargs = dict(chat_template_kwargs or {})
         if enable_thinking is not None:
             kwargs["enable_thinking"] = enable_thinking
-        return self.tokenizer.apply_chat_template(normalize_messages(messages), tools=tools,
+        return self.tokenizer.apply_chat_template(normalize_messages(messages, images), tools=tools,
                                                   add_generation_prompt=add_generation_prompt, **kwargs)
 
     def prepare_chat(self, messages: Sequence[dict[str, Any]], params: SamplingParams, *, tools: Any = None,
@@ -231,7 +251,8 @@ class Engine:
                          reasoning_parser=self.reasoning_parser, constrained=params.structured is not None,
                          special_tokens=self._marker_tokens, parallel_tool_calls=parallel_tool_calls)
         text = self.render_chat(messages, tools=spec.tools, add_generation_prompt=add_generation_prompt,
-                                chat_template_kwargs=kwargs, enable_thinking=enable_thinking)
+                                chat_template_kwargs=kwargs, enable_thinking=enable_thinking,
+                                images=spec.images if self.media is not None else None)
         spec.note_prompt(text)
         if spec.grammar is not None:
             params = dataclasses.replace(params, grammar=spec.grammar)
@@ -271,7 +292,7 @@ class Engine:
                    chat_id: str | None = None) -> OpenAIObject | Iterator[OpenAIObject]:
         text, params, spec = self.prepare_chat(messages, params, **chat)
         chat_id, created = chat_id or oai.new_chat_id(), oai.now()
-        tracker, reqs = self._prepare(text, params, add_special_tokens=False)
+        tracker, reqs = self._prepare(text, params, add_special_tokens=False, images=spec.images)
         if stream:
             include_usage = bool((stream_options or {}).get("include_usage"))
             chunker = oai.ChatChunker(spec, model=self.model_name, chat_id=chat_id, created=created)

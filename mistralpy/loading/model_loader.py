@@ -28,7 +28,10 @@ log = logging.getLogger(__name__)
 def apply_isq(model: torch.nn.Module, qtype, topology: Topology | None = None) -> None:
     """Mark every decoder linear layer (and an untied LM head) to quantize its weight on load:
     the topology's choice for that layer, else `qtype`."""
+    skip = getattr(model, "isq_skip_prefixes", ())   # vision towers and projectors stay float
     for name, module in model.named_modules():
+        if skip and name.startswith(skip):
+            continue
         if isinstance(module, Linear):
             module.isq = topology.isq_for(name, qtype) if topology is not None else qtype
         elif isinstance(module, LMHead) and not module.tied and qtype is not None:
@@ -106,6 +109,8 @@ def load_model(model_config: ModelConfig, device: torch.device, backend: Attenti
             # The engine's context length rides along in the config: rope scalings that depend on
             # it (dynamic, longrope) read it there.
             cfg = {**model_config.text_config, "max_model_len": model_config.max_model_len}
+            if getattr(cls, "multimodal", False):  # the whole config: vision_config beside text_config
+                cfg = {**model_config.hf_config, "text_config": cfg}
             model: CausalLM = cls(cfg, backend)
     finally:
         torch.set_default_dtype(previous)

@@ -26,6 +26,7 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "PhimoeForCausalLM": ("phimoe", "PhiMoEForCausalLM"),  # transformers' spelling
     "DeepseekV2ForCausalLM": ("deepseek_v2", "DeepseekV2ForCausalLM"),
     "DeepseekV3ForCausalLM": ("deepseek_v2", "DeepseekV3ForCausalLM"),
+    "LlavaForConditionalGeneration": ("llava", "LlavaForConditionalGeneration"),
 }
 
 

@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -39,6 +40,16 @@ class ServerOptions:
     cors_origins: tuple[str, ...] = ()     # e.g. ("*",) or ("http://localhost:3000",)
     max_body_bytes: int = 16 * 1024 * 1024
     log_interval_s: float = 5.0            # throughput log line period (0 = off)
+    max_media_bytes: int = 20 * 1024 * 1024  # one fetched image / data URL
+    allowed_media_domains: tuple[str, ...] = ()  # only these hosts (may be private) when set
+    allow_private_media: bool = False      # any host, private addresses included
+    max_num_images: int = 8                # per request
+
+    def media_policy(self) -> Any:
+        from mistralpy.multimodal.fetch import MediaPolicy
+
+        return MediaPolicy(max_bytes=self.max_media_bytes, allow_private=self.allow_private_media,
+                           allowed_domains=frozenset(self.allowed_media_domains) or None)
 
 
 def create_app(models: AsyncEngine | ModelRegistry, options: ServerOptions | None = None) -> FastAPI:
@@ -47,6 +58,7 @@ def create_app(models: AsyncEngine | ModelRegistry, options: ServerOptions | Non
     registry = (models if isinstance(models, ModelRegistry)
                 else ModelRegistry.from_engine(models, options.served_model_name))
     state = ServerState(registry)
+    state.options = options
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -19,6 +19,7 @@ from mistralpy.server.generation import (
     sse_event,
     until_disconnect,
 )
+from mistralpy.server.media import fetch_images
 from mistralpy.server.protocol import ChatCompletionRequest
 from mistralpy.server.state import ServerState
 
@@ -36,8 +37,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
         add_generation_prompt=body.add_generation_prompt, chat_template_kwargs=body.chat_template_kwargs,
         enable_thinking=body.enable_thinking, reasoning_effort=body.reasoning_effort,
         parallel_tool_calls=body.parallel_tool_calls)
+    images = None
+    if spec.images:  # fetched here, through the guarded fetcher, before anything runs
+        opts = server.options
+        images = await fetch_images(spec.images, opts.media_policy(), opts.max_num_images)
     # The template already wrote BOS where the model wants it.
-    prepared = prepare_prompt(engine, text, params, add_special_tokens=False, truncate=body.truncate_sequence)
+    prepared = prepare_prompt(engine, text, params, add_special_tokens=False, truncate=body.truncate_sequence,
+                              images=images)
     gen = Generation(engine, state.metrics, [prepared])
     chat_id, created = oai.new_chat_id(), oai.now()
     if body.stream:

@@ -32,16 +32,16 @@ Prepared = tuple[RequestTracker, list]
 
 
 def prepare_prompt(engine: AsyncEngine, prompt: Prompt, params: SamplingParams, *, add_special_tokens: bool,
-                   truncate: bool) -> Prepared:
+                   truncate: bool, images: list | None = None) -> Prepared:
     """Validate one prompt. With ``truncate``, a prompt that does not fit keeps its last tokens,
     leaving room for max_tokens (or one token) of output, as mistral.rs's truncate_sequence does."""
-    if truncate:
+    if truncate and not images:  # (a prompt with images is never cut: it could split a placeholder run)
         ids = list(prompt) if is_token_ids(prompt) else engine.engine.tokenize(prompt, add_special_tokens)
         room = engine.max_total_tokens - (params.max_tokens or 1)
         if 0 < room < len(ids):
             log.info("truncate_sequence: prompt of %d tokens cut to its last %d", len(ids), room)
             prompt, add_special_tokens = ids[-room:], False
-    return engine.prepare(prompt, params, add_special_tokens)
+    return engine.prepare(prompt, params, add_special_tokens, images=images)
 
 
 @dataclass(slots=True)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from mistralpy.engine.async_engine import AsyncEngine
 from mistralpy.server.metrics import ServerMetrics
@@ -11,6 +12,7 @@ from mistralpy.server.registry import ModelEntry, ModelRegistry
 @dataclass(slots=True)
 class ServerState:
     registry: ModelRegistry
+    options: Any = None   # server/app.ServerOptions (media policy, limits)
 
     def model(self, requested: str | None) -> ModelEntry:
         """The loaded model a request names (None / "default": the default); 404 unknown, 503 unloaded."""

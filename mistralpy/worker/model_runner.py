@@ -78,6 +78,11 @@ class ModelRunner:
         log.info("KV cache: %d blocks x %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
                  self.num_blocks * per_block / 2**20)
         self.sampler = Sampler(config.model.vocab_size, seed=config.seed)
+        self.encoder_cache = None  # media models: encoder outputs kept across chunks and requests
+        if hasattr(self.model, "embed_multimodal"):
+            from mistralpy.multimodal.encoder_cache import EncoderCache
+
+            self.encoder_cache = EncoderCache(max(16384, 4 * config.scheduler.max_num_batched_tokens))
         self.compiled = None
         self.native = None  # worker/native_decode.py: all-decode CPU steps in one C++ call
         if self.device.type == "cpu" and os.environ.get("MISTRALPY_NATIVE_DECODE", "1") != "0":
@@ -156,8 +161,41 @@ class ModelRunner:
         """Run the model on the step's flat batch; logits [N, V] for the sampling rows only."""
         batch = self.build_batch(sched)
         metadata = self.backend.build_metadata(batch)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, metadata)
+        embeds = self._media_embeds(sched, batch) if self.encoder_cache is not None else None
+        if embeds is not None:
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, metadata, inputs_embeds=embeds)
+        else:
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, metadata)
         return self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
+
+    def _media_embeds(self, sched: SchedulerOutput, batch: ForwardBatch) -> torch.Tensor | None:
+        """Input embeddings with the encoder rows of every media item this step's chunks touch
+        scattered at their placeholder positions; None when no chunk touches one (the usual path)."""
+        rows: list[int] = []
+        parts: list[torch.Tensor] = []
+        for s, base in zip(sched.seqs, batch.query_start_loc):
+            req = s.req
+            start, end = req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens
+            for item in req.mm_items:
+                r = item.placeholder
+                if r.offset >= end or r.offset + r.length <= start:
+                    continue
+                enc = self.encoder_cache.get(item.hash, req.request_id)
+                if enc is None:
+                    enc = self.model.embed_multimodal(item)
+                    if enc.shape[0] != item.num_embeds:
+                        raise RuntimeError(f"encoder gave {enc.shape[0]} rows for an item of {item.num_embeds}")
+                    self.encoder_cache.put(item.hash, enc, req.request_id)
+                pos = torch.tensor(r.embed_positions())
+                take = ((pos >= start) & (pos < end)).nonzero().flatten()
+                rows.extend((pos[take] - start + base).tolist())
+                parts.append(enc.index_select(0, take.to(enc.device)))
+        if not rows:
+            return None
+        embeds = self.model.embed_input_ids(batch.input_ids)
+        idx = torch.tensor(rows, dtype=torch.long, device=embeds.device)
+        embeds[idx] = torch.cat(parts).to(embeds.dtype)
+        return embeds
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> SamplerOutput | None:
