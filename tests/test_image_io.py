@@ -1,4 +1,5 @@
-"""mistralpy.multimodal.image_io: untrusted bytes -> one upright first-frame PIL image, or MediaError."""
+"""mistralpy.multimodal.image_io: untrusted bytes -> one upright first-frame PIL image, or MediaError;
+and the fetcher's sources that need no network (data: URLs, local files). HTTP: test_media_fetch.py."""
 from __future__ import annotations
 
 import asyncio
@@ -229,7 +230,6 @@ def fetch(request) -> Callable[[str, MediaPolicy], bytes]:
     if request.param == "sync":
         return fetch_bytes
     return lambda url, policy: asyncio.run(fetch_bytes_async(url, policy))
-
 
 
 def test_data_urls(fetch):

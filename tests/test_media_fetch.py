@@ -7,7 +7,6 @@ nothing reached it. The guard itself is never mocked; the DNS-rebinding tests sw
 from __future__ import annotations
 
 import asyncio
-import base64
 import gzip
 import shutil
 import socket

@@ -35,8 +35,8 @@ def _metaspace_backend():
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     tok = HFTok(models.BPE(byte_fallback=False, unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=True)
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     corpus = [p.read_text(encoding="utf-8", errors="replace") for p in sorted(stdlib.glob("*.py"))[:40]]
     alphabet = [chr(c) for c in range(32, 127)] + ["\n", "\t", "▁"]

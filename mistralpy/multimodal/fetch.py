@@ -197,6 +197,7 @@ def check_url(url: str, policy: MediaPolicy) -> list[IPAddress]:
 
 
 async def check_url_async(url: str, policy: MediaPolicy) -> list[IPAddress]:
+    """``check_url`` with the DNS lookup in a thread."""
     return (await asyncio.to_thread(_checked, url, policy))[1]
 
 

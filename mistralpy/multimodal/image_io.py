@@ -9,6 +9,7 @@ transparency onto white.
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import os
 
@@ -18,11 +19,17 @@ from mistralpy.multimodal.fetch import MediaPolicy, fetch_bytes, fetch_bytes_asy
 from mistralpy.multimodal.inputs import MediaError
 
 ALLOWED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "MPO")
-# PIL has no opener of its own for MPO: its JPEG opener returns an MpoImageFile when it applies
-_OPENERS: tuple[str, ...] = tuple(f for f in ALLOWED_FORMATS if f != "MPO")
 DEFAULT_MAX_PIXELS = 64_000_000
 
 ImageSource = Image.Image | bytes | bytearray | memoryview | str | os.PathLike[str]
+
+
+@functools.cache
+def _openers() -> tuple[str, ...]:
+    """The accepted formats this PIL build can open. Image.open raises KeyError for a name it has
+    no opener for: MPO has none (the JPEG opener returns MPO files), WEBP may be compiled out."""
+    Image.init()
+    return tuple(f for f in ALLOWED_FORMATS if f in Image.OPEN)
 
 
 def _unidentified(data: bytes) -> MediaError:
@@ -42,13 +49,13 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     if not data:
         raise MediaError("empty image data")
     try:
-        img = Image.open(io.BytesIO(data), formats=_OPENERS)
+        img = Image.open(io.BytesIO(data), formats=_openers())
     except UnidentifiedImageError:
         raise _unidentified(bytes(data)) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise MediaError(f"image refused as a decompression bomb: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - PIL raises many types for malformed headers
-        raise MediaError(f"not a valid image: {exc}") from None
+        raise MediaError(f"not an image (or a corrupt one): {exc}") from None
     try:
         width, height = img.size
         if width <= 0 or height <= 0:

@@ -75,9 +75,10 @@ class Gemma3Processor(MultimodalProcessor):
         self.resample = pp.get("resample", 2)   # BILINEAR
         self.pas = {k: (pp[k] if pp.get(k) is not None else v) for k, v in PAN_AND_SCAN_DEFAULTS.items()}
         self.splicer = TokenSplicer(tokenizer)
-        self.boi_id = self.splicer.required_id("<start_of_image>", hf_config.get("boi_token_index"))
-        self.eoi_id = self.splicer.required_id("<end_of_image>", hf_config.get("eoi_token_index"))
-        self.soft_id = self.splicer.required_id("<image_soft_token>", hf_config.get("image_token_index"))
+        cfg = hf_config.get
+        self.boi_id = self.splicer.required_id("<start_of_image>", cfg("boi_token_index", cfg("boi_token_id")))
+        self.eoi_id = self.splicer.required_id("<end_of_image>", cfg("eoi_token_index", cfg("eoi_token_id")))
+        self.soft_id = self.splicer.required_id("<image_soft_token>", cfg("image_token_index", cfg("image_token_id")))
         self._settings = ("gemma3", pp.get("do_resize", True), self.height, self.width, self.resample,
                           pp.get("do_rescale", True), pp.get("rescale_factor", 1 / 255), pp.get("do_normalize", True),
                           repr(pp.get("image_mean")), repr(pp.get("image_std")), tuple(sorted(self.pas.items())))

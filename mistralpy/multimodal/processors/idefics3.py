@@ -73,13 +73,15 @@ class TokenSplicer:
         i = self._added_by_content.get(text)
         return text if i is None else i
 
-    def required_id(self, text: str, config_id: int | None = None) -> int:
-        """The id of a token an expansion must hold as one token (placeholder, embedding slot)."""
-        i = config_id if isinstance(config_id, int) else self._added_by_content.get(text)
+    def required_id(self, text: str, config_id: Any = None) -> int:
+        """The id of a token an expansion must hold as one token (placeholder, embedding slot): the
+        tokenizer's added token ``text`` (what prompts hold; config.json carries class defaults such
+        as 255999 even for other vocabularies), else ``config_id`` when it is an added token."""
+        i = self._added_by_content.get(text)
+        if i is None and isinstance(config_id, int) and config_id in self.added:
+            i = config_id
         if i is None:
-            i = self.tok.token_to_id(text)
-        if i is None:
-            raise ModelLoadError(f"the tokenizer has no {text!r} token, which this model's prompts need")
+            raise ModelLoadError(f"the tokenizer has no added token {text!r}, which this model's prompts need")
         return int(i)
 
     # ------------------------------------------------------------------------- encode / decode
@@ -101,9 +103,10 @@ class TokenSplicer:
             ids = ids[:-1]
         if not ok:   # the neighbours did not come back as themselves: tokenize the text alone
             ids = self.backend.encode(text, add_special_tokens=False).ids
-        if len(self._cache) > 4096:
-            self._cache.clear()
-        self._cache[key] = ids
+        if len(text) <= 256:   # the fixed pieces recur; long user text would only bloat the cache
+            if len(self._cache) > 4096:
+                self._cache.clear()
+            self._cache[key] = ids
         return ids
 
     def decode_ctx(self, ids: list[int], prev: int | None) -> str:
