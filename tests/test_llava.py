@@ -141,3 +141,69 @@ def test_chat_with_image_parts_and_errors(llava, tmp_path):
             eng.chat(msg("data:image/png;base64," + base64.b64encode(b"hello").decode()), max_tokens=2)
         with pytest.raises(MediaError, match="at most"):
             eng.generate({"prompt": "<image>" * 9, "images": [img] * 9}, GREEDY)
+
+
+def test_cli_image_one_shot_and_interactive(llava, tmp_path):
+    """`mistralpy run --image PATH -i ...` and an image path typed in interactive mode answer like
+    the Python API."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "pic.png"
+    _image(90, 70, seed=9).save(path)
+    common = ["-m", str(llava), "--dtype", "f32", "--temperature", "0", "--max-tokens", "6"]
+    one = subprocess.run([sys.executable, "-m", "mistralpy.cli.main", "run", *common, "-i", "Describe",
+                          "--image", str(path)], capture_output=True, text=True, timeout=180)
+    assert one.returncode == 0, one.stderr
+    inter = subprocess.run([sys.executable, "-m", "mistralpy.cli.main", "run", *common],
+                           input=f"Describe {path}\n/exit\n", capture_output=True, text=True, timeout=180)
+    assert inter.returncode == 0, inter.stderr
+    with Engine(str(llava), dtype="f32", num_kv_blocks=64, max_model_len=256) as eng:
+        msgs = [{"role": "user", "content": [{"type": "text", "text": "Describe"},
+                                             {"type": "image_url", "image_url": {"url": str(path)}}]}]
+        want = eng.chat(msgs, temperature=0, max_tokens=6)["choices"][0]["message"]["content"]
+    assert one.stdout == want + "\n"
+    assert want in inter.stdout
+
+
+def test_max_edge_shrinks_before_preprocessing(llava):
+    """max_edge=20: a 90x70 image is shrunk to 20x16 first (its pixels and hash change; the
+    placeholder count does not, CLIP's crop is fixed)."""
+    from mistralpy.multimodal.processors.llava import LlavaProcessor
+
+    img = _image(90, 70, seed=9)
+    with Engine(str(llava), dtype="f32", num_kv_blocks=64, max_model_len=256, max_edge=20) as eng:
+        ids = eng.tokenize("Describe <image>", add_special_tokens=False)
+        item = eng._prepare({"prompt": ids, "images": [img]}, GREEDY)[1][0].mm_items[0]
+        proc: LlavaProcessor = eng.media.processor
+        want = proc.process_image(img.resize((20, 16), Image.Resampling.BICUBIC), "x").inputs["pixel_values"]
+        assert torch.equal(item.inputs["pixel_values"], want)
+        full = proc.process_image(img, "x").inputs["pixel_values"]
+        assert not torch.equal(full, want)
+
+
+def test_preemption_and_abort_release_encoder_references(llava):
+    """Two image requests in a KV pool too small for both: the newer is preempted (its encoder
+    references dropped), recomputed later, and both still give their solo tokens; an aborted
+    stream and every finished request leave no references behind."""
+    imgs = [_image(60, 60, seed=11), _image(61, 59, seed=12)]
+    long = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    with Engine(str(llava), dtype="f32", num_kv_blocks=7, block_size=16, max_model_len=112) as eng:
+        ids = eng.tokenize("Picture: <image> tell me.", add_special_tokens=False)
+        prompts = [{"prompt": ids, "images": [im]} for im in imgs]
+        solo = [eng.generate(p, long)[0].outputs[0].token_ids for p in prompts]
+        before = eng.core.scheduler.num_preemptions
+        both = [r.outputs[0].token_ids for r in eng.generate(prompts, long)]
+        assert eng.core.scheduler.num_preemptions > before
+        assert both == solo
+        cache = eng.core.runner.encoder_cache
+        assert not cache._by_request and not cache._refs
+        stream = eng.generate_stream(prompts[0], long)
+        next(stream)
+        stream.close()  # aborts the request
+        import time
+
+        deadline = time.time() + 10
+        while (cache._by_request or eng.core.requests) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not cache._by_request and not cache._refs

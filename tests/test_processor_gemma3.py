@@ -11,15 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from transformers import AutoTokenizer
+from transformers import Gemma3Processor as HFGemma3Processor
+from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
 from mistralpy.multimodal.inputs import MediaError
 from mistralpy.multimodal.processors.gemma3 import Gemma3Processor
 from mistralpy.tokenizer.tokenizer import Tokenizer
-
-transformers = pytest.importorskip("transformers")
-from transformers import AutoTokenizer  # noqa: E402
-from transformers import Gemma3Processor as HFGemma3Processor  # noqa: E402
-from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil  # noqa: E402
 
 TOKENS = 3          # soft tokens per view (small so the expected ids stay readable)
 SIZE = {"height": 64, "width": 64}

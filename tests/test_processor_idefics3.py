@@ -9,17 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from transformers import AutoTokenizer
+from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil
+from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
 
 from mistralpy.multimodal.inputs import MediaError
 from mistralpy.multimodal.processors.idefics2 import Idefics2Processor
 from mistralpy.multimodal.processors.idefics3 import Idefics3Processor
 from mistralpy.tokenizer.tokenizer import Tokenizer
-
-transformers = pytest.importorskip("transformers")
-from transformers import AutoTokenizer  # noqa: E402
-from transformers.models.idefics2.image_processing_pil_idefics2 import Idefics2ImageProcessorPil  # noqa: E402
-from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil  # noqa: E402
-from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil  # noqa: E402
 
 SEQ_LEN = 4   # <image> tokens per tile (small so the expected ids stay readable)
 I3_PP = {"size": {"longest_edge": 128}, "max_image_size": {"longest_edge": 64}}
@@ -108,6 +106,21 @@ def test_idefics3_pixels_match_transformers(name, hf_cls, split, smol_tok):
     rows, cols = (ref["rows"][0][0], ref["cols"][0][0]) if split else (0, 0)
     assert (item.extra["rows"], item.extra["cols"]) == (rows, cols)
     assert item.num_embeds == ref["pixel_values"].shape[1] * SEQ_LEN
+
+
+@pytest.mark.parametrize("name", ["500x37", "grey"])
+def test_fixed_sizes_and_scalar_mean_match_transformers(name, smol_tok):
+    image = IMAGES[name]()
+    pp = {"size": {"height": 100, "width": 70}, "max_image_size": {"longest_edge": 64}, "image_mean": 0.3,
+          "image_std": 0.2}
+    ref = Idefics3ImageProcessorPil(**pp)(images=[[image]], return_tensors="np")
+    item = Idefics3Processor(pp, {}, smol_tok, {"image_seq_len": SEQ_LEN}).process_image(image, "h")
+    _close(item.inputs["pixel_values"].numpy(), ref["pixel_values"][0])
+    pp2 = {"size": {"height": 40, "width": 30}, "do_image_splitting": True, "image_mean": 0.3, "image_std": 0.2}
+    ref = Idefics2ImageProcessorPil(**pp2)(images=[[image]], return_tensors="np")
+    item = Idefics2Processor(pp2, {}, smol_tok, {"image_seq_len": SEQ_LEN}).process_image(image, "h")
+    _close(item.inputs["pixel_values"].numpy(), ref["pixel_values"][0])
+    np.testing.assert_array_equal(item.inputs["pixel_attention_mask"].numpy(), ref["pixel_attention_mask"][0])
 
 
 def test_idefics3_hash_follows_settings(smol_tok):

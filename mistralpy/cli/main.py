@@ -40,6 +40,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "start-up (~10-25 s on 2 cores, a few s once cached on disk)")
     e.add_argument("--max-seqs", type=int, default=32, help="max sequences running at once (default: 32)")
     e.add_argument("--max-num-images", type=int, default=8, help="images per request, vision models (default: 8)")
+    e.add_argument("--max-edge", type=int, help="vision models: shrink images so their longest edge is at most this")
     e.add_argument("--max-num-batched-tokens", type=int, default=512,
                    help="token budget per step; longer prompts are chunked (default: 512)")
     e.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
@@ -74,7 +75,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 token_source=args.token_source, tokenizer=args.tokenizer, chat_template=args.chat_template,
                 arch=args.arch, seed=args.seed, gguf_file=args.gguf_file,
                 isq=args.isq, topology=args.topology, compile=args.compile, tool_parser=args.tool_parser,
-                reasoning_parser=args.reasoning_parser, max_num_images=args.max_num_images)
+                reasoning_parser=args.reasoning_parser, max_num_images=args.max_num_images,
+                max_edge=args.max_edge)
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -103,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-i", "--input", help="one-shot prompt: print the answer and exit")
     run.add_argument("--raw", action="store_true", help="plain completion (no chat template), for base models")
     run.add_argument("--system", help="system prompt for chat")
+    run.add_argument("--image", action="append", default=[], metavar="PATH_OR_URL",
+                     help="an image for a vision model, with -i (repeat for several); in interactive mode, "
+                          "image paths and URLs typed in a message are sent as images")
     from mistralpy.cli.serve import add_serve_args
 
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server",

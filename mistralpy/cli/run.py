@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -43,6 +44,31 @@ def _raw_stream(engine, prompt: str, sampling: dict[str, Any]) -> str:
     return "".join(text)
 
 
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
+def split_media(line: str) -> tuple[str, list[str]]:
+    """Image paths (existing files) and http(s) image URLs typed in a message, as mistral.rs's
+    interactive mode finds them: (the text without them, the images in order)."""
+    words, images = [], []
+    for word in line.split():
+        bare = word.strip("'\"")
+        low = bare.lower().split("?")[0]
+        is_url = low.startswith(("http://", "https://")) and low.endswith(_IMAGE_SUFFIXES)
+        if is_url or (low.endswith(_IMAGE_SUFFIXES) and os.path.isfile(os.path.expanduser(bare))):
+            images.append(bare if is_url else os.path.expanduser(bare))
+        else:
+            words.append(word)
+    return " ".join(words), images
+
+
+def user_content(text: str, images: list[str]) -> str | list[dict[str, Any]]:
+    """A user message's content: the text, with image parts after it when there are images."""
+    if not images:
+        return text
+    return [{"type": "text", "text": text}] + [{"type": "image_url", "image_url": {"url": i}} for i in images]
+
+
 def _system(args_system: str | None) -> list[dict[str, str]]:
     return [{"role": "system", "content": args_system}] if args_system else []
 
@@ -59,7 +85,7 @@ def run_command(args: argparse.Namespace) -> int:
             if args.raw:
                 _raw_stream(engine, args.input, sampling)
             else:
-                messages = _system(args.system) + [{"role": "user", "content": args.input}]
+                messages = _system(args.system) + [{"role": "user", "content": user_content(args.input, args.image)}]
                 _stream_text(engine.chat(messages, stream=True, **sampling))
             return 0
         return _interactive(engine, args, sampling)
@@ -109,7 +135,8 @@ def _interactive(engine, args: argparse.Namespace, sampling: dict[str, Any]) -> 
             if args.raw:
                 _raw_stream(engine, line, sampling)
                 continue
-            history.append({"role": "user", "content": line})
+            text, images = split_media(line) if engine.media is not None else (line, [])
+            history.append({"role": "user", "content": user_content(text, images)})
             reply = _stream_text(engine.chat(history, stream=True, **sampling))
             history.append({"role": "assistant", "content": reply})
         except InvalidRequestError as exc:

@@ -67,6 +67,7 @@ class EngineOptions:
     tool_parser: str | None = None
     reasoning_parser: str | None = None
     max_num_images: int = 8  # images per request (vision models)
+    max_edge: int | None = None  # vision models: images are first shrunk so their longest edge is at most this
     compile: bool = False  # torch.compile decode steps (worker/compile.py), compiled by a warm-up at build time
     # Called as weights load: progress(tensors_done, tensors_total, bytes_done, bytes_total, what)
     # (loading/model_loader.ProgressFn; the CLI passes cli/progress.LoadProgress). None: silent.

@@ -126,7 +126,9 @@ class Engine:
 
         mc = self.model_config
         processor = processor_for(mc.architecture, mc.path, mc.hf_config, self.tokenizer)
-        return MediaInput(processor, self.options.max_num_images) if processor is not None else None
+        if processor is None:
+            return None
+        return MediaInput(processor, self.options.max_num_images, max_edge=self.options.max_edge)
 
     def _output_formats(self) -> tuple[str | None, str | None]:
         """The model's tool-call and reasoning formats: configured, else detected from its template."""

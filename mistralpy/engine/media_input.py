@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from PIL import Image
+
 from mistralpy.multimodal.inputs import MediaError, MMItem, content_hash
 
 # OpenAI / vLLM / our spellings of an image part -> where its source sits
@@ -53,11 +55,12 @@ def split_image_parts(content: list[Any], where: str, images: list[Any] | None) 
 class MediaInput:
     """The model's processor plus the loading policy (local paths allowed: this is the Python API)."""
 
-    def __init__(self, processor: Any, max_images: int = 8, policy: Any = None) -> None:
+    def __init__(self, processor: Any, max_images: int = 8, policy: Any = None, max_edge: int | None = None) -> None:
         from mistralpy.multimodal.fetch import MediaPolicy
 
         self.processor = processor
         self.max_images = max_images
+        self.max_edge = max_edge
         self.policy = policy or MediaPolicy(allow_local_files=True, allow_private=True)
 
     @property
@@ -77,5 +80,9 @@ class MediaInput:
                 image, raw = load_image(src, self.policy)
             except MediaError as exc:
                 raise MediaError(f"{where}: {exc}", where) from None
-            items.append(self.processor.process_image(image, content_hash(raw)))
+            if self.max_edge and max(image.size) > self.max_edge:   # --max-edge: shrink first, keep the aspect
+                scale = self.max_edge / max(image.size)
+                size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+                image = image.resize(size, Image.Resampling.BICUBIC)
+            items.append(self.processor.process_image(image, content_hash(raw, self.max_edge)))
         return self.processor.expand(list(ids), items), items

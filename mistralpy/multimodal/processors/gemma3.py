@@ -41,16 +41,16 @@ def pan_and_scan(image: np.ndarray, min_crop_size: int, max_num_crops: int, min_
     if width >= height:
         if width / height < min_ratio:
             return []
-        n_w = int(math.floor(width / height + 0.5))
-        n_w = min(int(math.floor(width / min_crop_size)), n_w)
+        n_w = math.floor(width / height + 0.5)
+        n_w = min(math.floor(width / min_crop_size), n_w)
         n_w, n_h = min(max_num_crops, max(2, n_w)), 1
     else:
         if height / width < min_ratio:
             return []
-        n_h = int(math.floor(height / width + 0.5))
-        n_h = min(int(math.floor(height / min_crop_size)), n_h)
+        n_h = math.floor(height / width + 0.5)
+        n_h = min(math.floor(height / min_crop_size), n_h)
         n_h, n_w = min(max_num_crops, max(2, n_h)), 1
-    crop_w, crop_h = int(math.ceil(width / n_w)), int(math.ceil(height / n_h))
+    crop_w, crop_h = math.ceil(width / n_w), math.ceil(height / n_h)
     if min(crop_w, crop_h) < min_crop_size:
         return []
     return [image[:, y:y + crop_h, x:x + crop_w]
@@ -115,4 +115,4 @@ class Gemma3Processor(MultimodalProcessor):
         return expand_with(self, self.splicer, token_ids, items, self.boi_id, self.soft_id, expansions)
 
 
-__all__ = ["Gemma3Processor", "PAN_AND_SCAN_DEFAULTS", "pan_and_scan"]
+__all__ = ["PAN_AND_SCAN_DEFAULTS", "Gemma3Processor", "pan_and_scan"]

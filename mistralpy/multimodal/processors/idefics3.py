@@ -109,21 +109,31 @@ class TokenSplicer:
             self._cache[key] = ids
         return ids
 
-    def decode_ctx(self, ids: list[int], prev: int | None) -> str:
-        """Text of a run of non-added ids; decoded after its preceding added token so decoders that
-        strip a leading space only at the very start (Metaspace) see the run where it was."""
+    def user_text(self, el: SpliceElement) -> str | None:
+        """Text of a run of the prompt's own ids that tokenizes back to exactly those ids where they
+        stood, or None. Decoded after its preceding added token (Metaspace decoders drop a leading
+        space only at the very start) or alone (a Prepend("▁") normalizer's "▁" is no user space)."""
+        if el.text or el.kind != "ids":
+            return el.text
+        prev = el.ctx[0]
+        candidates = []
         if prev is not None:
-            s = self.backend.decode([prev, *ids], skip_special_tokens=False)
+            s = self.backend.decode([prev, *el.ids], skip_special_tokens=False)
             if s.startswith(self.added[prev]):
-                return s[len(self.added[prev]):]
-        return self.backend.decode(ids, skip_special_tokens=False)
+                candidates.append(s[len(self.added[prev]):])
+        candidates.append(self.backend.decode(el.ids, skip_special_tokens=False))
+        for text in dict.fromkeys(candidates):
+            if self.encode_ctx(text, *el.ctx) == el.ids:
+                el.text = text
+                return text
+        return None
 
     def element_text(self, el: SpliceElement) -> str:
-        if el.kind == "text":
-            return el.text
+        """The text HF's prompt holds for an element (best effort for a run that does not round-trip)."""
         if el.kind == "bar":
             return self.added.get(el.ids[0], "")
-        return self.decode_ctx(el.ids, el.ctx[0])
+        text = self.user_text(el)
+        return self.backend.decode(el.ids, skip_special_tokens=False) if text is None else text
 
     # ---------------------------------------------------------------------------------- splice
     def splice(self, token_ids: Sequence[int], placeholder_id: int, expansions: Sequence[Sequence[Piece]],
@@ -228,24 +238,19 @@ class TokenSplicer:
             return [(el, el.ids) for el in group]
         owners = {el.owner for el in group}
         owner = owners.pop() if len(owners) == 1 else -1
-        texts = []
-        exact = True
-        for el in group:
-            t = self.element_text(el)
-            # The prompt's ids must come back from their text, else joining would change them.
-            if el.kind == "ids" and self.encode_ctx(t, *el.ctx) != el.ids:
-                exact = False
-            texts.append(t)
-        if exact:
+        # The prompt's ids must come back from their text, else joining would change them.
+        texts = [self.user_text(el) for el in group]
+        if all(t is not None for t in texts):
             return [(SpliceElement("text", owner=owner), self.encode_ctx("".join(texts), prev, nxt))]
         # Not round-trippable (a lossy decoder): keep the prompt's ids, tokenize the expansion text
         # beside them; may differ from HF at this boundary.
         res = []
-        for n, (el, t) in enumerate(zip(group, texts)):
+        for n, el in enumerate(group):
             if el.kind == "ids":
                 res.append((el, el.ids))
             else:
-                res.append((el, self.encode_ctx(t, prev if n == 0 else None, nxt if n == len(group) - 1 else None)))
+                res.append((el, self.encode_ctx(el.text, prev if n == 0 else None,
+                                                nxt if n == len(group) - 1 else None)))
         return res
 
 
@@ -284,8 +289,11 @@ def rescale_normalize(image: np.ndarray, pp: dict[str, Any]) -> np.ndarray:
     if pp.get("do_rescale", True):
         out = image_ops.rescale(out, float(pp.get("rescale_factor", 1 / 255)))
     if pp.get("do_normalize", True):
-        out = image_ops.normalize(out, pp.get("image_mean") or image_ops.IMAGENET_STANDARD_MEAN,
-                                  pp.get("image_std") or image_ops.IMAGENET_STANDARD_STD)
+        mean = pp.get("image_mean") or image_ops.IMAGENET_STANDARD_MEAN
+        std = pp.get("image_std") or image_ops.IMAGENET_STANDARD_STD
+        # A config may give one number for all channels.
+        mean, std = ([v] * out.shape[0] if isinstance(v, (int, float)) else v for v in (mean, std))
+        out = image_ops.normalize(out, mean, std)
     return out.astype(np.float32, copy=False)
 
 
@@ -341,8 +349,12 @@ def idefics3_tiles(image: Image.Image, pp: dict[str, Any]) -> tuple[list[np.ndar
     tile = _edge(pp.get("max_image_size"), 364)
     img = image_ops.to_rgb_array(image)
     if pp.get("do_resize", True):
-        h, w = _rescale_to_max_len(img.shape[1], img.shape[2], _edge(pp.get("size"), 4 * 364))
-        h, w = _scale_below(h, w, MAX_IMAGE_SIZE)
+        size = pp.get("size") or {}
+        if isinstance(size, dict) and not size.get("longest_edge") and size.get("height") and size.get("width"):
+            h, w = int(size["height"]), int(size["width"])
+        else:
+            h, w = _rescale_to_max_len(img.shape[1], img.shape[2], _edge(size, 4 * 364))
+            h, w = _scale_below(h, w, MAX_IMAGE_SIZE)
         img = image_ops.resize(img, h, w, resample)
     rows = cols = 0
     if pp.get("do_image_splitting", True):
@@ -388,7 +400,7 @@ class Idefics3Processor(MultimodalProcessor):
         self.fake = self.splicer.marker(self.fake_token)
         self.global_img = self.splicer.marker(self.global_token)
         pp = self.pp
-        self._settings = ("idefics3", pp.get("do_resize", True), _edge(pp.get("size"), 4 * 364),
+        self._settings = ("idefics3", pp.get("do_resize", True), repr(pp.get("size")),
                           _edge(pp.get("max_image_size"), 364), pp.get("do_image_splitting", True),
                           pp.get("resample", 1), pp.get("do_rescale", True), pp.get("rescale_factor", 1 / 255),
                           pp.get("do_normalize", True), repr(pp.get("image_mean")), repr(pp.get("image_std")))
