@@ -26,12 +26,14 @@ ROW_COL = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
 
 
 # ------------------------------------------------------------------------------------ fixtures
-def build_tokenizer_dir(base: Path, out: Path, specials: list[str], config: dict | None = None) -> Path:
-    """The session's byte-level BPE with ``specials`` added as special tokens, as a HF folder."""
+def build_tokenizer_dir(base: Path, out: Path, specials: list[str], config: dict | None = None,
+                        tokenizer_file: str = "tokenizer.json") -> Path:
+    """``base``'s tokenizer (the session's byte-level BPE) with ``specials`` added as special tokens,
+    saved as a HF folder."""
     from tokenizers import AddedToken
     from tokenizers import Tokenizer as HFTok
 
-    tok = HFTok.from_file(str(base / "tokenizer.json"))
+    tok = HFTok.from_file(str(base / tokenizer_file))
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
@@ -52,6 +54,38 @@ def _idefics_tok_dir(kind: str, tokenizer_dir: Path, tmp_path_factory) -> Path:
 def idefics_tok_dir(request, tokenizer_dir, tmp_path_factory) -> Path:
     """SmolVLM-like (row / column / global markers are added tokens) or not (they are plain text)."""
     return _idefics_tok_dir(request.param, tokenizer_dir, tmp_path_factory)
+
+
+def _legacy_sentencepiece_backend():
+    """A small BPE with Llama's legacy pipeline (Prepend("▁") + Replace normalizer, no pre-tokenizer,
+    Strip decoder), as Idefics2's Mistral tokenizer has; trained over "▁"-split words for speed."""
+    import sysconfig
+
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = HFTok(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    corpus = [p.read_text(encoding="utf-8", errors="replace") for p in sorted(stdlib.glob("*.py"))[:40]]
+    alphabet = [chr(c) for c in range(32, 127)] + ["\n", "\t", "▁"]
+    tok.train_from_iterator(corpus, trainer=trainers.BpeTrainer(vocab_size=1500, initial_alphabet=alphabet,
+                                                                show_progress=False))
+    tok.pre_tokenizer = None
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return tok
+
+
+@pytest.fixture(scope="module", params=["byte_level", "legacy_sentencepiece"])
+def idefics2_tok_dir(request, tokenizer_dir, tmp_path_factory) -> Path:
+    specials = ["<fake_token_around_image>", "<image>", "<end_of_utterance>"]
+    out = tmp_path_factory.mktemp(request.param)
+    if request.param == "byte_level":
+        return build_tokenizer_dir(tokenizer_dir, out, specials)
+    _legacy_sentencepiece_backend().save(str(out / "base.json"))
+    return build_tokenizer_dir(out, out, specials, tokenizer_file="base.json")
 
 
 @pytest.fixture(scope="module")
@@ -257,17 +291,17 @@ IDEFICS2_PROMPTS = [
 
 @pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("prompt,n", IDEFICS2_PROMPTS)
-def test_idefics2_expansion_matches_transformers(prompt, n, split, idefics_tok_dir):
+def test_idefics2_expansion_matches_transformers(prompt, n, split, idefics2_tok_dir):
     from transformers import Idefics2Processor as HF
 
     pp = {"size": I2_SIZE, "do_image_splitting": split}
-    hf = HF(image_processor=Idefics2ImageProcessorPil(**pp), tokenizer=AutoTokenizer.from_pretrained(str(idefics_tok_dir)),
-            image_seq_len=SEQ_LEN)
+    hf = HF(image_processor=Idefics2ImageProcessorPil(**pp),
+            tokenizer=AutoTokenizer.from_pretrained(str(idefics2_tok_dir)), image_seq_len=SEQ_LEN)
     images = [IMAGES["500x37"]() for _ in range(n)]
     ref = hf(text=[prompt], images=[images] if images else None)
     expected = list(ref["input_ids"][0])
 
-    tok = Tokenizer.from_dir(idefics_tok_dir)
+    tok = Tokenizer.from_dir(idefics2_tok_dir)
     ours = Idefics2Processor(pp, {}, tok, {"image_seq_len": SEQ_LEN})
     items = [ours.process_image(im, "h") for im in images]
     got = ours.expand(tok.encode(prompt), items)

@@ -42,7 +42,8 @@ MAX_IMAGE_SIZE = 4096   # transformers' absolute cap on an Idefics3 image side
 @dataclass(slots=True)
 class SpliceElement:
     """One piece of the prompt being expanded. ``kind``: "bar" (an added token: it splits HF's text),
-    "ids" (a run of the prompt's own non-added ids) or "text" (text of an expansion, or inserted)."""
+    "ids" (a run of the prompt's own non-added ids; ``text`` caches its decoded text) or "text"
+    (text of an expansion, or inserted by a clean-up)."""
 
     kind: str
     ids: list[int] = field(default_factory=list)
@@ -121,7 +122,7 @@ class TokenSplicer:
             s = self.backend.decode([prev, *el.ids], skip_special_tokens=False)
             if s.startswith(self.added[prev]):
                 candidates.append(s[len(self.added[prev]):])
-        candidates.append(self.backend.decode(el.ids, skip_special_tokens=False))
+        if not candidates: candidates.append(self.backend.decode(el.ids, skip_special_tokens=False))
         for text in dict.fromkeys(candidates):
             if self.encode_ctx(text, *el.ctx) == el.ids:
                 el.text = text
