@@ -206,3 +206,12 @@ def test_gemma3_count_mismatch(gemma_tok_dir):
         ours.expand(tok.encode("<start_of_image> and <start_of_image>"), [item])
     with pytest.raises(MediaError, match="1 image placeholder"):
         ours.expand(tok.encode("<start_of_image>"), [])
+
+
+def test_tokenizer_without_image_tokens_serves_text_only(tokenizer_dir):
+    tok = Tokenizer.from_dir(tokenizer_dir)
+    ours = Gemma3Processor({"size": SIZE}, {"boi_token_index": 255999, "mm_tokens_per_image": 4}, tok)
+    ids = tok.encode("hello")
+    assert ours.expand(ids, []) == ids
+    with pytest.raises(MediaError, match="cannot take images"):
+        ours.process_image(IMAGES["1x1"](), "h")

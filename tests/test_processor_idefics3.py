@@ -317,3 +317,14 @@ def test_idefics2_count_mismatch(smol_tok):
     ours = Idefics2Processor({"size": I2_SIZE}, {}, tok, {"image_seq_len": SEQ_LEN})
     with pytest.raises(MediaError, match="0 image placeholder"):
         ours.expand(tok.encode("no placeholder"), [ours.process_image(IMAGES["1x1"](), "h")])
+
+
+def test_tokenizer_without_image_tokens_serves_text_only(tokenizer_dir):
+    # A checkpoint whose tokenizer lacks the image tokens still loads; images are refused.
+    tok = Tokenizer.from_dir(tokenizer_dir)
+    ids = tok.encode("just <image> text")
+    for proc in (Idefics3Processor(I3_PP, {}, tok, {"image_seq_len": SEQ_LEN}),
+                 Idefics2Processor({"size": I2_SIZE}, {}, tok, {"image_seq_len": SEQ_LEN})):
+        assert proc.expand(ids, []) == ids
+        with pytest.raises(MediaError, match="cannot take images"):
+            proc.process_image(IMAGES["1x1"](), "h")

@@ -34,6 +34,8 @@ class CausalLM(nn.Module):
     # channels, nothing of its own (MLA caches one latent that serves as both key and value).
     v_cache_dim: int | None = None
     v_in_k: bool = False
+    # where the LM head's parameters sit (a multimodal wrapper holds the text model one level down)
+    lm_head_prefix: str = "lm_head."
 
     def map_weight_name(self, name: str) -> str | None:
         """HF checkpoint name -> our parameter name (None skips it). Families override."""
@@ -48,7 +50,7 @@ class CausalLM(nn.Module):
             if raw_name.endswith(self.ignored_suffixes):
                 continue
             name = self.map_weight_name(raw_name)
-            if name is None or (tied and name.startswith("lm_head.")):
+            if name is None or (tied and name.startswith(self.lm_head_prefix)):
                 continue
             shard = None
             for fused, shard_name, index in self.stacked_params:
@@ -80,7 +82,7 @@ class CausalLM(nn.Module):
             shards_per_fused[fused] = max(shards_per_fused.get(fused, 0), shard + 1)
         missing = []
         for name in params:
-            if name.startswith("lm_head.") and getattr(self.lm_head, "tied", False):
+            if name.startswith(self.lm_head_prefix) and getattr(self.lm_head, "tied", False):
                 continue
             fused = next((f for f in shards_per_fused if f".{f}." in name), None)
             if fused is None:

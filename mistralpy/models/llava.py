@@ -48,6 +48,7 @@ class LlavaProjector(nn.Module):
 class LlavaForConditionalGeneration(CausalLM):
     multimodal = True    # built from the whole config (loading/model_loader.py)
     isq_skip_prefixes = ("vision_tower.", "multi_modal_projector.")
+    lm_head_prefix = "language_model.lm_head."
 
     def __init__(self, cfg: dict[str, Any], backend: AttentionBackend) -> None:
         super().__init__()
@@ -114,7 +115,5 @@ class LlavaForConditionalGeneration(CausalLM):
             return None if mapped is None else "vision_tower." + mapped
         if name.startswith("language_model."):
             inner = self.language_model.map_weight_name(name[len("language_model."):])
-            if inner is None or (inner.startswith("lm_head.") and getattr(self.lm_head, "tied", False)):
-                return None
-            return "language_model." + inner
+            return None if inner is None else "language_model." + inner
         return name
