@@ -84,6 +84,7 @@ class Gemma3Processor(MultimodalProcessor):
                           repr(pp.get("image_mean")), repr(pp.get("image_std")), tuple(sorted(self.pas.items())))
 
     def process_image(self, image: Image.Image, image_hash: str) -> MMItem:
+        self.splicer.check_usable()
         img = image_ops.to_rgb_array(image)
         crops = []
         if self.pas["do_pan_and_scan"]:

@@ -93,6 +93,7 @@ class Idefics2Processor(MultimodalProcessor):
                           pp.get("do_normalize", True), repr(pp.get("image_mean")), repr(pp.get("image_std")))
 
     def process_image(self, image: Image.Image, image_hash: str) -> MMItem:
+        self.splicer.check_usable()
         frames = idefics2_frames(image, self.pp)
         # Padded to this image's own largest frame; HF pads a batch to its largest image, which
         # changes only the padding the vision encoder masks out.

@@ -15,7 +15,13 @@ tokenized alone, so only a text piece that touches an expansion can tokenize dif
 prompt's own ids (e.g. Gemma 3's "\\n\\n" merging with the user's text in BPE). The splicer re-encodes
 exactly those pieces: the prompt's ids there are decoded, joined with the expansion's text and
 encoded between the same neighbouring added tokens HF's text has (so offset-sensitive pre-tokenizers
-and lstrip/rstrip tokens behave as in HF).
+and lstrip/rstrip tokens behave as in HF). Known limits: a run of the prompt's ids whose decoded text
+does not tokenize back to the same ids (a lossy normalizer, e.g. NFKC) is kept as it is and the
+expansion's text tokenized beside it, which can differ from HF at that boundary; and a leading BOS
+is taken as the post-processor's (outside the text) whenever the tokenizer adds one, so a literal
+"<bos>" written by a template and encoded without special tokens is seen as the text's start (this
+matters only to pre-tokenizers that treat the text's first piece differently, e.g. Metaspace
+"first"; Gemma 3's tokenizer does not).
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ import torch
 from PIL import Image
 
 from mistralpy.errors import ModelLoadError
-from mistralpy.multimodal.inputs import MMItem, PlaceholderRange, content_hash
+from mistralpy.multimodal.inputs import MediaError, MMItem, PlaceholderRange, content_hash
 from mistralpy.multimodal.processors import image_ops
 from mistralpy.multimodal.processors.base import MultimodalProcessor, register_processor
 
@@ -67,6 +73,7 @@ class TokenSplicer:
         self.head_id = tokenizer.bos_token_id if getattr(tokenizer, "add_bos_token", False) else None
         self.tail_id = tokenizer.eos_token_id if getattr(tokenizer, "add_eos_token", False) else None
         self._cache: dict[tuple[str, int | None, int | None], list[int]] = {}
+        self.missing: list[str] = []   # tokens required_id could not find
 
     # -------------------------------------------------------------------------------- pieces
     def marker(self, text: str) -> Piece:
@@ -77,13 +84,20 @@ class TokenSplicer:
     def required_id(self, text: str, config_id: Any = None) -> int:
         """The id of a token an expansion must hold as one token (placeholder, embedding slot): the
         tokenizer's added token ``text`` (what prompts hold; config.json carries class defaults such
-        as 255999 even for other vocabularies), else ``config_id`` when it is an added token."""
+        as 255999 even for other vocabularies), else ``config_id`` when it is an added token. A
+        missing one is recorded (the model still serves text; ``check_usable`` refuses images)."""
         i = self._added_by_content.get(text)
         if i is None and isinstance(config_id, int) and config_id in self.added:
             i = config_id
         if i is None:
-            raise ModelLoadError(f"the tokenizer has no added token {text!r}, which this model's prompts need")
+            self.missing.append(text)
+            return -1   # never a token id
         return int(i)
+
+    def check_usable(self) -> None:
+        if self.missing:
+            raise MediaError(f"this model's tokenizer has no {', '.join(map(repr, self.missing))} token(s): "
+                             "it cannot take images", "images")
 
     # ------------------------------------------------------------------------- encode / decode
     def encode_ctx(self, text: str, prev: int | None, nxt: int | None) -> list[int]:
@@ -122,7 +136,7 @@ class TokenSplicer:
             s = self.backend.decode([prev, *el.ids], skip_special_tokens=False)
             if s.startswith(self.added[prev]):
                 candidates.append(s[len(self.added[prev]):])
-        if not candidates: candidates.append(self.backend.decode(el.ids, skip_special_tokens=False))
+        candidates.append(self.backend.decode(el.ids, skip_special_tokens=False))
         for text in dict.fromkeys(candidates):
             if self.encode_ctx(text, *el.ctx) == el.ids:
                 el.text = text
@@ -153,17 +167,19 @@ class TokenSplicer:
         found = sum(1 for i in range(lo, hi) if ids[i] == placeholder_id)
         if found != len(expansions):
             return found
+        if not expansions and normalize is None:
+            return ids, []
 
         elements = self._elements(ids, lo, hi, placeholder_id, expansions)
         if normalize is not None:
             elements = normalize(elements)
-        body, owners = self._emit(elements)
+        body, spans = self._emit(elements)
 
         out = ids[:lo] + body + ids[hi:]
         first: dict[int, int] = {}
         last: dict[int, int] = {}
         pos = lo
-        for el, n in owners:
+        for el, n in spans:
             if el.kind == "bar" and el.owner >= 0:
                 first.setdefault(el.owner, pos)
                 last[el.owner] = pos
@@ -242,7 +258,8 @@ class TokenSplicer:
         # The prompt's ids must come back from their text, else joining would change them.
         texts = [self.user_text(el) for el in group]
         if all(t is not None for t in texts):
-            return [(SpliceElement("text", owner=owner), self.encode_ctx("".join(texts), prev, nxt))]
+            joined = "".join(t for t in texts if t is not None)
+            return [(SpliceElement("text", owner=owner), self.encode_ctx(joined, prev, nxt))]
         # Not round-trippable (a lossy decoder): keep the prompt's ids, tokenize the expansion text
         # beside them; may differ from HF at this boundary.
         res = []
@@ -259,6 +276,10 @@ def expand_with(processor: MultimodalProcessor, splicer: TokenSplicer, token_ids
                 placeholder_id: int, embed_id: int, expansions: list[list[Piece]],
                 normalize: Callable[[list[SpliceElement]], list[SpliceElement]] | None = None) -> list[int]:
     """The shared body of ``expand``: splice, check counts, set each item's placeholder range."""
+    if splicer.missing:
+        if items:
+            splicer.check_usable()
+        return list(token_ids)
     res = splicer.splice(token_ids, placeholder_id, expansions, embed_id, normalize)
     if isinstance(res, int):
         raise processor.placeholder_count_error(res, len(items))
@@ -363,7 +384,8 @@ def idefics3_tiles(image: Image.Image, pp: dict[str, Any]) -> tuple[list[np.ndar
         img = image_ops.resize(img, h, w, resample)
         if h > tile or w > tile:
             rows, cols = (h - tile) // tile + 1, (w - tile) // tile + 1
-            frames = [img[:, r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] for r in range(rows) for c in range(cols)]
+            frames = [img[:, r * tile:(r + 1) * tile, c * tile:(c + 1) * tile]
+                      for r in range(rows) for c in range(cols)]
             frames.append(image_ops.resize(img, tile, tile, resample))
         else:
             frames = [img]
@@ -407,6 +429,7 @@ class Idefics3Processor(MultimodalProcessor):
                           pp.get("do_normalize", True), repr(pp.get("image_mean")), repr(pp.get("image_std")))
 
     def process_image(self, image: Image.Image, image_hash: str) -> MMItem:
+        self.splicer.check_usable()
         tiles, rows, cols = idefics3_tiles(image, self.pp)
         pixels, mask = pad_tiles(tiles)
         return MMItem("image", content_hash(image_hash, *self._settings),
@@ -423,7 +446,7 @@ class Idefics3Processor(MultimodalProcessor):
             pieces.append("\n")
         if rows or cols:
             pieces.append("\n")
-        return pieces + [self.fake, self.global_img, *images, self.fake]
+        return [*pieces, self.fake, self.global_img, *images, self.fake]
 
     def expand(self, token_ids: list[int], items: list[MMItem]) -> list[int]:
         expansions = [self.expansion(it.extra["rows"], it.extra["cols"]) for it in items]
