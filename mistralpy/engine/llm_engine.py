@@ -125,6 +125,8 @@ class Engine:
         from mistralpy.multimodal.processors import processor_for
 
         mc = self.model_config
+        if not hasattr(self.core.runner.model, "embed_multimodal"):  # text-only (or its vision part not built yet)
+            return None
         processor = processor_for(mc.architecture, mc.path, mc.hf_config, self.tokenizer)
         if processor is None:
             return None
@@ -167,10 +169,15 @@ class Engine:
             if self.media is None:
                 raise MediaError(f"{self.model_name} does not take images", "images")
             ids, items = self.media.items(ids, images)
+        # M-RoPE models (Qwen-VL): the prompt's (t, h, w) positions, once per request (text-only: sequential)
+        mrope, delta = None, 0
+        if items and hasattr(self.media.processor, "positions"):
+            mrope, delta = self.media.processor.positions(ids, items)
         rid = new_request_id()
         reqs = self.inputs.make_requests(rid, ids, params)
         for req in reqs:
             req.mm_items = list(items)
+            req.mrope_positions, req.mrope_delta = mrope, delta
         key = params.structured
         if key is not None:  # on the caller's thread: a grammar the matcher rejects is this caller's error
             for req in reqs:
