@@ -34,7 +34,7 @@ class ChatSpec:
     starts_in_reasoning: bool = False  # the prompt already opened the reasoning block
     strict_forced: str | None = None  # "auto" with strict tools: the format's forcing grammar (note_prompt)
     marker_tokens: Mapping[str, int] | None = None
-    images: list[Any] = field(default_factory=list)  # (source, part path) of the messages' images, in order
+    images: list[Any] = field(default_factory=list)  # engine/media_input.MediaRef of the messages' media, in order
 
     @property
     def plain(self) -> bool:

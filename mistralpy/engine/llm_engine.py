@@ -19,7 +19,7 @@ from mistralpy.engine.chat_output import ChatSpec, chat_spec
 from mistralpy.engine.core import EngineCore, SeqUpdate
 from mistralpy.engine.input_processor import InputProcessor, Prompt, is_token_ids, new_request_id
 from mistralpy.engine.loop import EngineLoop
-from mistralpy.engine.media_input import MediaInput, split_image_parts
+from mistralpy.engine.media_input import MediaInput, media_refs, split_media_parts
 from mistralpy.engine.output_tracker import RequestTracker
 from mistralpy.engine.outputs import OpenAIObject, RequestOutput
 from mistralpy.errors import EngineDeadError, InvalidRequestError
@@ -58,7 +58,7 @@ def normalize_messages(messages: Sequence[dict[str, Any]], images: list[Any] | N
         msg = dict(msg)
         content = msg.get("content")
         if isinstance(content, list):
-            parts, has_images = split_image_parts(content, f"messages[{i}]", images)
+            parts, has_images = split_media_parts(content, f"messages[{i}]", images)
             msg["content"] = parts if has_images else "\n".join(p["text"] for p in parts)
         elif content is not None and not isinstance(content, str):
             raise InvalidRequestError(f"messages[{i}].content must be a string or a list of parts", "messages")
@@ -159,8 +159,10 @@ class Engine:
 
     def _prepare(self, prompt: Prompt | dict[str, Any], params: SamplingParams | None,
                  add_special_tokens: bool = True, images: Sequence[Any] | None = None) -> tuple[RequestTracker, list]:
-        if isinstance(prompt, dict):  # {"prompt": text or ids, "images": [...]} (vLLM: multi_modal_data)
-            images = list(prompt.get("images") or (prompt.get("multi_modal_data") or {}).get("image") or [])
+        if isinstance(prompt, dict):  # {"prompt": text or ids, "images": [...], "videos": [...]} (vLLM: multi_modal_data)
+            mm = prompt.get("multi_modal_data") or {}
+            images = media_refs(prompt.get("images") or mm.get("image") or [],
+                                prompt.get("videos") or mm.get("video") or [])
             prompt = prompt.get("prompt", prompt.get("prompt_token_ids"))
         text, ids = self.inputs.encode(prompt, add_special_tokens)
         params = self.inputs.resolve_params(params)
@@ -168,7 +170,7 @@ class Engine:
         if images:
             if self.media is None:
                 raise MediaError(f"{self.model_name} does not take images", "images")
-            ids, items = self.media.items(ids, images)
+            ids, items = self.media.items(ids, media_refs(images))
         # M-RoPE models (Qwen-VL): the prompt's (t, h, w) positions, once per request (text-only: sequential)
         mrope, delta = None, 0
         if items and hasattr(self.media.processor, "positions"):

@@ -5,21 +5,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from mistralpy.engine.media_input import MediaRef
 from mistralpy.multimodal.inputs import MediaError
 
 
-async def fetch_images(images: list[tuple[Any, str]], policy: Any, max_images: int) -> list[tuple[bytes, str]]:
-    """(source, part path) pairs -> (bytes, part path); MediaError names the failing part."""
+async def fetch_images(media: list[MediaRef], policy: Any, max_images: int) -> list[MediaRef]:
+    """The request's media parts with their sources fetched to bytes; MediaError names the failing part."""
     from mistralpy.multimodal.fetch import fetch_bytes_async
 
-    if len(images) > max_images:
-        raise MediaError(f"{len(images)} images in one request; at most {max_images}", "messages")
+    if len(media) > max_images:
+        raise MediaError(f"{len(media)} images / videos in one request; at most {max_images}", "messages")
     out = []
-    for src, where in images:
-        if not isinstance(src, str):
-            raise MediaError(f"{where}: an image is given as a URL or a data: URL", where)
+    for ref in media:
+        if not isinstance(ref.source, str):
+            raise MediaError(f"{ref.where}: a {ref.modality} is given as a URL or a data: URL", ref.where)
         try:
-            out.append((await fetch_bytes_async(src, policy), where))
+            out.append(MediaRef(await fetch_bytes_async(ref.source, policy), ref.where, ref.modality))
         except MediaError as exc:
-            raise MediaError(f"{where}: {exc}", where) from None
+            raise MediaError(f"{ref.where}: {exc}", ref.where) from None
     return out
