@@ -207,3 +207,38 @@ def test_preemption_and_abort_release_encoder_references(llava):
         while (cache._by_request or eng.core.requests) and time.time() < deadline:
             time.sleep(0.05)
         assert not cache._by_request and not cache._refs
+
+
+def test_llava_hf_checkpoint_layout_loads(llava, tmp_path):
+    """The same weights under the llava-hf checkpoints' names (vision_tower.vision_model.*) and
+    under transformers 5's module names (model.vision_tower.*, model.language_model.*, lm_head)
+    load to the same model as the layout transformers 5.24 writes."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(llava / "model.safetensors"))
+    assert any(n.startswith("vision_tower.embeddings.") for n in tensors)   # what 5.24 writes
+
+    def llava_hf(name: str) -> str:
+        return "vision_tower.vision_model." + name[len("vision_tower."):] if name.startswith("vision_tower.") else name
+
+    def v5_modules(name: str) -> str:
+        for old, new in (("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector."),
+                         ("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head.")):
+            if name.startswith(old):
+                return new + name[len(old):]
+        return name
+
+    img = _image(64, 48, seed=5)
+    outs = []
+    for k, rename in enumerate((None, llava_hf, v5_modules)):
+        path = llava
+        if rename is not None:
+            path = tmp_path / f"layout{k}"
+            shutil.copytree(llava, path)
+            save_file({rename(n): t for n, t in tensors.items()}, str(path / "model.safetensors"), metadata={"format": "pt"})
+        with Engine(str(path), dtype="f32", num_kv_blocks=64, max_model_len=256) as eng:
+            ids = eng.tokenize("Describe <image> now.", add_special_tokens=False)
+            outs.append(eng.generate({"prompt": ids, "images": [img]}, GREEDY)[0].outputs[0].token_ids)
+    assert outs[0] == outs[1] == outs[2]

@@ -2,10 +2,11 @@
 any of our text models. Image rows replace the expanded ``<image>`` tokens' embeddings
 (``embed_multimodal``; the model runner scatters them, multimodal/processors/llava.py expands).
 
-Checkpoint names in both layouts transformers has written: v5's ``model.vision_tower.<CLIP
-transformer>`` / ``model.multi_modal_projector`` / ``model.language_model`` / ``lm_head`` and the
-older ``vision_tower.vision_model`` / ``multi_modal_projector`` / ``language_model.model`` /
-``language_model.lm_head`` (the llava-hf checkpoints).
+Checkpoint names in every layout in use (tests/test_llava.py loads all three): what transformers
+5.24 writes (``vision_tower.<CLIP transformer>``, ``multi_modal_projector``, ``language_model.model``,
+``language_model.lm_head``), the llava-hf checkpoints' (``vision_tower.vision_model.*``, the rest
+the same) and transformers 5's module names (``model.vision_tower``, ``model.language_model``,
+``lm_head``).
 """
 from __future__ import annotations
 
