@@ -57,3 +57,229 @@ def build_llava(out_dir: Path, tokenizer_dir: Path, seed: int = 0, image_size: i
     LlavaImageProcessorPil(size={"shortest_edge": image_size},
                            crop_size={"height": image_size, "width": image_size}).save_pretrained(out_dir)
     return out_dir
+
+
+QWEN_VL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_VL_TEMPLATE = VLM_TEMPLATE.replace("'<image>'", "'<|vision_start|><|image_pad|><|vision_end|>'")
+
+
+def build_qwen2_vl(out_dir: Path, tokenizer_dir: Path, version: str = "qwen2_vl", seed: int = 0,
+                   tie_word_embeddings: bool = False) -> Path:
+    """A tiny Qwen2-VL ("qwen2_vl") or Qwen2.5-VL ("qwen2_5_vl") checkpoint: vision depth 2 (2.5: window
+    attention in block 0, full in block 1, 2x2-unit windows), hidden 32, 2 text layers, head_dim 16 with
+    mrope_section [2, 3, 3]; images sized within 56*56 .. 28*28*20 pixels (at most 20 merged tokens)."""
+    import transformers
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    ids = vlm_tokenizer(tokenizer_dir, out_dir, QWEN_VL_TOKENS)
+    tok_cfg = json.loads((out_dir / "tokenizer_config.json").read_text())
+    tok_cfg["chat_template"] = QWEN_VL_TEMPLATE
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    text = {"vocab_size": 4160, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 512,
+            "rms_norm_eps": 1e-6, "bos_token_id": None, "eos_token_id": 2, "pad_token_id": 0,
+            "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}}
+    special = {"image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
+               "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"]}
+    if version == "qwen2_vl":
+        vision = {"depth": 2, "embed_dim": 32, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2}
+        config = transformers.Qwen2VLConfig(text_config=text, vision_config=vision,
+                                            tie_word_embeddings=tie_word_embeddings, **special)
+        cls = transformers.Qwen2VLForConditionalGeneration
+    elif version == "qwen2_5_vl":
+        vision = {"depth": 2, "hidden_size": 32, "out_hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                  "window_size": 56, "fullatt_block_indexes": [1], "tokens_per_second": 2}
+        config = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision,
+                                               tie_word_embeddings=tie_word_embeddings, **special)
+        cls = transformers.Qwen2_5_VLForConditionalGeneration
+    else:
+        raise ValueError(version)
+    torch.manual_seed(seed)
+    model = cls(config).float()
+    with torch.no_grad():   # non-trivial norms and biases; larger weights so images move the logits
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_q" in name or name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+            elif p.dim() >= 2:
+                p.mul_(4.0)
+    model.save_pretrained(out_dir)
+    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 20, patch_size=14, temporal_patch_size=2,
+                             merge_size=2).save_pretrained(out_dir)
+    return out_dir
+
+
+LLAVA_NEXT_PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112]]
+
+
+def build_llava_next(out_dir: Path, tokenizer_dir: Path, seed: int = 0, image_size: int = 28,
+                     pinpoints: list[list[int]] | None = None, feature_layer: int | list[int] = -2) -> Path:
+    """A tiny LLaVA-NeXT: CLIP (3 layers, hidden 32, 28 px crops of 2x2 patches), a 2-layer Llama;
+    grid pinpoints up to 112x112 (at most 4x4 crops) and the matching PIL image processor."""
+    import transformers
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    pinpoints = pinpoints or LLAVA_NEXT_PINPOINTS
+    ids = vlm_tokenizer(tokenizer_dir, out_dir, ["<image>"])
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                           num_attention_heads=2, image_size=image_size, patch_size=14)
+    text = transformers.LlamaConfig(vocab_size=4160, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                                    rms_norm_eps=1e-6, bos_token_id=None, eos_token_id=2, pad_token_id=0)
+    config = transformers.LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=ids["<image>"],
+                                          vision_feature_layer=feature_layer, vision_feature_select_strategy="default",
+                                          image_grid_pinpoints=pinpoints, projector_hidden_act="gelu")
+    torch.manual_seed(seed)
+    model = transformers.LlavaNextForConditionalGeneration(config).float()
+    with torch.no_grad():   # non-trivial norms and biases; a larger newline row so it moves the logits
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias") or "layer_norm" in name or "layrnorm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+            elif name.endswith("image_newline"):
+                p.mul_(8.0)
+    model.save_pretrained(out_dir)
+    LlavaNextImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                               image_grid_pinpoints=pinpoints).save_pretrained(out_dir)
+    return out_dir
+
+
+# ---------------------------------------------------------------------------- Idefics3 / SmolVLM
+IDEFICS3_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>",
+                   *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7))]
+IDEFICS3_PP = {"size": {"longest_edge": 128}, "max_image_size": {"longest_edge": 64}, "do_image_splitting": True}
+
+
+def _randomize(model: torch.nn.Module, scale: float = 2.0) -> None:
+    """Non-trivial norms and biases; larger matrices so images move the logits. Zero-initialised
+    parameters (Gemma 3's projection) get random values first."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and not p.any():
+                p.normal_(0.0, 0.02)
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+            elif p.dim() >= 2:
+                p.mul_(scale)
+
+
+def smolvlm_hf_processor_patches():
+    """transformers' SmolVLMProcessor needs num2words and (without torchvision) trips on its video
+    processor's class check; both only concern videos. A context manager that stubs them."""
+    import contextlib
+    from unittest import mock
+
+    import transformers.models.smolvlm.processing_smolvlm as smolvlm
+    from transformers import SmolVLMProcessor
+
+    check = SmolVLMProcessor.check_argument_for_proper_class
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch.object(smolvlm, "num2words", str, create=True))
+    stack.enter_context(mock.patch.object(
+        SmolVLMProcessor, "check_argument_for_proper_class",
+        lambda self, name, arg: None if name == "video_processor" else check(self, name, arg)))
+    return stack
+
+
+def build_idefics3(out_dir: Path, tokenizer_dir: Path, arch: str = "smolvlm", seed: int = 0) -> Path:
+    """A tiny SmolVLM ("smolvlm": Llama text) or Idefics3 ("idefics3": Qwen2 text) checkpoint: SigLIP
+    hidden 32 / 2 layers / 64 px tiles of 8 px patches, pixel shuffle 2 (16 rows a tile), text hidden
+    64 / 2 layers; images resized to a 128 px longest edge and split into 64 px tiles + the global
+    image. The processor config is saved by transformers' processor class."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    ids = vlm_tokenizer(tokenizer_dir, out_dir, IDEFICS3_TOKENS)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=64, patch_size=8)
+    text = dict(vocab_size=4160, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5, bos_token_id=None,
+                eos_token_id=2, pad_token_id=0, model_type="llama" if arch == "smolvlm" else "qwen2")
+    tok = AutoTokenizer.from_pretrained(str(out_dir))
+    if arch == "smolvlm":
+        from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+        from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
+
+        config = transformers.SmolVLMConfig(vision_config=vision, text_config=text, scale_factor=2,
+                                            image_token_id=ids["<image>"])
+        cls = transformers.SmolVLMForConditionalGeneration
+        with smolvlm_hf_processor_patches():
+            processor = transformers.SmolVLMProcessor(image_processor=SmolVLMImageProcessorPil(**IDEFICS3_PP),
+                                                      tokenizer=tok, video_processor=SmolVLMVideoProcessor(),
+                                                      image_seq_len=16)
+    elif arch == "idefics3":
+        from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+        config = transformers.Idefics3Config(vision_config=vision, text_config=text, scale_factor=2,
+                                             image_token_id=ids["<image>"])
+        cls = transformers.Idefics3ForConditionalGeneration
+        processor = transformers.Idefics3Processor(image_processor=Idefics3ImageProcessorPil(**IDEFICS3_PP),
+                                                   tokenizer=tok, image_seq_len=16)
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(seed)
+    model = cls(config).float()
+    _randomize(model)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+# ------------------------------------------------------------------------------------------ Gemma 3
+GEMMA3_TOKENS = ["<start_of_image>", "<image_soft_token>", "<end_of_image>"]
+
+
+def build_gemma3_vlm(out_dir: Path, tokenizer_dir: Path, seed: int = 0, tokens_per_image: int = 16) -> Path:
+    """A tiny Gemma3ForConditionalGeneration: SigLIP hidden 32 / 2 layers over 64 px images of 8 px
+    patches, pooled to ``tokens_per_image`` soft tokens; Gemma 3 text hidden 64, a local layer
+    (window 8, shorter than an image run) then a global one; the tokenizer's boi / soft / eoi
+    tokens are the config's. Processor config saved by transformers' Gemma3Processor."""
+    import transformers
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    ids = vlm_tokenizer(tokenizer_dir, out_dir, GEMMA3_TOKENS)
+    tok_cfg = json.loads((out_dir / "tokenizer_config.json").read_text())
+    tok_cfg["chat_template"] = VLM_TEMPLATE.replace("'<image>'", "'<start_of_image>'")
+    tok_cfg["extra_special_tokens"] = {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>",
+                                       "eoi_token": "<end_of_image>"}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=64, patch_size=8, vision_use_head=False)
+    text = dict(vocab_size=4160, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, sliding_window=8,
+                layer_types=["sliding_attention", "full_attention"], max_position_embeddings=1024,
+                bos_token_id=None, eos_token_id=2, pad_token_id=0)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=tokens_per_image,
+                                       boi_token_index=ids["<start_of_image>"], eoi_token_index=ids["<end_of_image>"],
+                                       image_token_index=ids["<image_soft_token>"])
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForConditionalGeneration(config).float()
+    _randomize(model)
+    model.save_pretrained(out_dir)
+    from transformers import AutoTokenizer
+
+    processor = transformers.Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": 64, "width": 64}),
+                                             tokenizer=AutoTokenizer.from_pretrained(str(out_dir)),
+                                             image_seq_length=tokens_per_image)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def hf_idefics3_processor(path: Path, arch: str = "smolvlm"):
+    """transformers' processor for a build_idefics3 folder (AutoProcessor would load SmolVLM's video
+    processor, which needs torchvision)."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    image_seq_len = json.loads((path / "processor_config.json").read_text())["image_seq_len"]
+    tok = AutoTokenizer.from_pretrained(str(path))
+    if arch == "smolvlm":
+        from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+        from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
+
+        with smolvlm_hf_processor_patches():
+            return transformers.SmolVLMProcessor(image_processor=SmolVLMImageProcessorPil.from_pretrained(str(path)),
+                                                 tokenizer=tok, video_processor=SmolVLMVideoProcessor(),
+                                                 image_seq_len=image_seq_len)
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    return transformers.Idefics3Processor(image_processor=Idefics3ImageProcessorPil.from_pretrained(str(path)),
+                                          tokenizer=tok, image_seq_len=image_seq_len)

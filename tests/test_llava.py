@@ -80,9 +80,11 @@ def test_logits_and_greedy_match_transformers(llava, hf, hf_processor):
         pixels = hf_processor(img, return_tensors="pt")["pixel_values"]
         with torch.no_grad():
             ref_logits = hf(input_ids=torch.tensor([expanded]), pixel_values=pixels).logits[0, -1]
-        out = eng.generate({"prompt": ids, "images": [img]}, SamplingParams(temperature=0, max_tokens=1, logprobs=5))
+        out = eng.generate({"prompt": ids, "images": [img]},
+                           SamplingParams(temperature=0, max_tokens=1, logprobs=True, top_logprobs=5))
         top = out[0].outputs[0].logprobs[0]
         ref_lp = torch.log_softmax(ref_logits.double(), -1)
+        assert len(top.top_logprobs) == 5
         for t in top.top_logprobs:
             assert abs(t.logprob - ref_lp[t.token_id].item()) < 1e-4
         assert out[0].outputs[0].token_ids[0] == int(ref_logits.argmax())
@@ -106,7 +108,7 @@ def test_batched_chunked_and_prefix_cached(llava, hf, hf_processor):
         expanded = eng._prepare(prompts[0], GREEDY)[1][0].prompt_token_ids
         pixels = hf_processor(imgs[0], return_tensors="pt")["pixel_values"]
         assert solo[0] == _hf_greedy(hf, expanded, pixels, GREEDY.max_tokens)
-        lp = [eng.generate(p, SamplingParams(temperature=0, max_tokens=1, logprobs=1))[0].outputs[0].logprobs[0]
+        lp = [eng.generate(p, SamplingParams(temperature=0, max_tokens=1, logprobs=True))[0].outputs[0].logprobs[0]
               for p in (prompts[0], prompts[2])]
         assert lp[0].logprob != lp[1].logprob  # the image matters
         cache = eng.core.runner.encoder_cache

@@ -52,6 +52,10 @@ class Request:
     first_token_time: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # owner's bookkeeping (detokenizer, sink)
     mm_items: list[Any] = field(default_factory=list)     # multimodal.inputs.MMItem, placeholders in the prompt
+    # M-RoPE models (Qwen-VL): the prompt's (t, h, w) positions [3, P] (None: sequential, a text-only
+    # prompt) and the shift of every later token: sequence index i >= P has position i + mrope_delta.
+    mrope_positions: torch.Tensor | None = None
+    mrope_delta: int = 0
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -73,6 +77,19 @@ class Request:
         hashes = tuple(it.hash for it in self.mm_items
                        if it.placeholder.offset < end and start < it.placeholder.offset + it.placeholder.length)
         return hashes or None
+
+    def rope_positions(self, start: int, end: int) -> torch.Tensor:
+        """M-RoPE positions [3, end - start] of sequence indices [start, end): the prompt's table
+        (sequential without one), then index + mrope_delta on all three axes."""
+        p = len(self.prompt_token_ids)
+        parts = [torch.empty(3, 0, dtype=torch.long)]
+        if start < p:
+            stop = min(end, p)
+            parts.append(self.mrope_positions[:, start:stop] if self.mrope_positions is not None
+                         else torch.arange(start, stop).expand(3, -1))
+        if end > p:
+            parts.append((torch.arange(max(start, p), end) + self.mrope_delta).expand(3, -1))
+        return torch.cat(parts, dim=1)
 
     def token_at(self, i: int) -> int:
         p = len(self.prompt_token_ids)

@@ -56,6 +56,7 @@ class Qwen2VLForConditionalGeneration(CausalLM):
     multimodal = True    # built from the whole config (loading/model_loader.py)
     uses_mrope = True    # the runner builds ForwardBatch.mrope_positions for it
     isq_skip_prefixes = ("visual.",)
+    lm_head_prefix = "language_model.lm_head."
     vision_cls: type[Qwen2VisionTransformer] = Qwen2VisionTransformer
     ignored_suffixes = ("rotary_emb.inv_freq", "rotary_pos_emb.inv_freq")
 
@@ -99,11 +100,6 @@ class Qwen2VLForConditionalGeneration(CausalLM):
     def lm_head(self) -> nn.Module:
         return self.language_model.lm_head
 
-    def _check_all_loaded(self, params: dict[str, nn.Parameter], loaded: set[str]) -> None:
-        if getattr(self.lm_head, "tied", False):   # the head is the embedding (Qwen2-VL-2B): nothing to load
-            params = {k: v for k, v in params.items() if not k.startswith("language_model.lm_head.")}
-        super()._check_all_loaded(params, loaded)
-
     def map_weight_name(self, name: str) -> str | None:
         if name.startswith("model.visual."):
             return name[len("model."):]
@@ -111,12 +107,8 @@ class Qwen2VLForConditionalGeneration(CausalLM):
             return name
         if name.startswith("model.language_model."):        # transformers 5
             inner = "model." + name[len("model.language_model."):]
-        elif name.startswith("model."):                       # the published Qwen checkpoints
-            inner = name
-        elif name.startswith("lm_head."):
-            if getattr(self.lm_head, "tied", False):
-                return None
-            inner = name
+        elif name.startswith(("model.", "lm_head.")):   # the published Qwen checkpoints; a tied head is
+            inner = name                                    # skipped by CausalLM.load_weights (Qwen2-VL-2B)
         else:
             return name
         mapped = self.language_model.map_weight_name(inner)

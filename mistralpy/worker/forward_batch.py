@@ -23,6 +23,9 @@ class ForwardBatch:
     query_start_loc: list[int]       # host copy, [B + 1]
     logits_indices: torch.Tensor     # [N] rows of the hidden states that need logits
     block_size: int
+    # [3, T] int64 (t, h, w) rotary positions of M-RoPE models (Qwen-VL), None for every other model;
+    # ``positions`` stays the sequence index (KV slots, attention).
+    mrope_positions: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:

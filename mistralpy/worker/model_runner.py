@@ -83,6 +83,8 @@ class ModelRunner:
             from mistralpy.multimodal.encoder_cache import EncoderCache
 
             self.encoder_cache = EncoderCache(max(16384, 4 * config.scheduler.max_num_batched_tokens))
+        # Qwen-VL's M-RoPE: (t, h, w) positions per token beside the sequence index (Request.rope_positions)
+        self.uses_mrope = bool(getattr(self.model, "uses_mrope", False))
         self.compiled = None
         self.native = None  # worker/native_decode.py: all-decode CPU steps in one C++ call
         if self.device.type == "cpu" and os.environ.get("MISTRALPY_NATIVE_DECODE", "1") != "0":
@@ -105,6 +107,9 @@ class ModelRunner:
         Q4_1, 2 threads: 235 against 153 tok/s) and needs no compiling. Returns whether it compiled."""
         if self.native is not None:
             log.info("--compile: the native decode loop already runs this model's decode steps; not compiling")
+            return False
+        if self.uses_mrope:   # compiled decode serves text models' model.model.decode_layers only
+            log.info("--compile: %s (M-RoPE) runs eagerly", type(self.model).__name__)
             return False
         from mistralpy.worker.compile import CompiledDecode
 
@@ -137,6 +142,10 @@ class ModelRunner:
         max_blocks = max(len(s.req.block_ids) for s in sched.seqs)
         table = [s.req.block_ids + [0] * (max_blocks - len(s.req.block_ids)) for s in sched.seqs]
         dev = self.device
+        mrope = None
+        if self.uses_mrope:
+            mrope = torch.cat([s.req.rope_positions(s.req.num_computed_tokens, s.req.num_computed_tokens
+                                                    + s.num_new_tokens) for s in sched.seqs], dim=1).to(dev)
         return ForwardBatch(
             input_ids=torch.tensor(input_ids, dtype=torch.long, device=dev),
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
@@ -144,7 +153,7 @@ class ModelRunner:
             block_tables=torch.tensor(table, dtype=torch.int32, device=dev),
             seq_lens=seq_lens, query_lens=query_lens, query_start_loc=starts,
             logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=dev),
-            block_size=bs,
+            block_size=bs, mrope_positions=mrope,
         )
 
     def _zero_new_blocks(self, high: int) -> None:
@@ -162,10 +171,10 @@ class ModelRunner:
         batch = self.build_batch(sched)
         metadata = self.backend.build_metadata(batch)
         embeds = self._media_embeds(sched, batch) if self.encoder_cache is not None else None
+        kwargs = {} if batch.mrope_positions is None else {"mrope_positions": batch.mrope_positions}
         if embeds is not None:
-            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, metadata, inputs_embeds=embeds)
-        else:
-            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, metadata)
+            kwargs["inputs_embeds"] = embeds
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, metadata, **kwargs)
         return self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
 
     def _media_embeds(self, sched: SchedulerOutput, batch: ForwardBatch) -> torch.Tensor | None:
