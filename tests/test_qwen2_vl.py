@@ -276,25 +276,19 @@ def test_isq_keeps_the_tower_float_and_fast_decode_paths_decline(ckpt):
 
 # ---- video (the model side: items built by our processor, fed through Engine._prepare) ---------------
 
-def test_video_matches_transformers(ckpt, engine, monkeypatch):
-    """A 5-frame video (3 temporal patches: frame-wise attention, 2.5's windows per frame and its
-    second_per_grid_ts time positions) next to an image: logprobs and greedy tokens equal
-    transformers' with our pixel_values_videos (its video processor needs torchvision)."""
+def test_video_matches_transformers(ckpt, engine):
+    """A 5-frame video given as frames (3 temporal patches: frame-wise attention, 2.5's windows per
+    frame and its second_per_grid_ts time positions) next to an image, through generate's
+    ``videos``: logprobs and greedy tokens equal transformers' with our pixel_values_videos (its
+    video processor needs torchvision)."""
     version, path, hf = ckpt
     proc = engine.media.processor
     rng = np.random.default_rng(5)
     frames = [Image.fromarray(rng.integers(0, 256, (90, 60, 3), dtype=np.uint8)) for _ in range(5)]
-    video = proc.process_video(frames, 1.0, "video-5")
-    image = proc.process_image(IMAGES[1], "image-1")
+    video = proc.process_video(frames, 2.0, "video-5")   # frame lists are taken at the default 2 fps
     assert video.inputs["video_grid_thw"].tolist() == [[3, 6, 4]]
-
-    def items(ids, sources):   # what a videos-aware MediaInput would hand _prepare
-        its = [image, video]
-        return proc.expand(list(ids), its), its
-
-    monkeypatch.setattr(engine.media, "items", items)
     ids = engine.tokenize(f"Watch <|vision_start|><|video_pad|><|vision_end|> then {PH} ok", add_special_tokens=False)
-    prompt = {"prompt": ids, "images": ["(patched)"]}
+    prompt = {"prompt": ids, "images": [IMAGES[1]], "videos": [frames]}
     req = engine._prepare(prompt, GREEDY)[1][0]
     expanded = req.prompt_token_ids
     assert req.mrope_positions is not None and req.mrope_positions.shape == (3, len(expanded))
@@ -307,3 +301,23 @@ def test_video_matches_transformers(ckpt, engine, monkeypatch):
         kwargs["second_per_grid_ts"] = video.inputs["second_per_grid_ts"]
     ours = engine.generate(prompt, GREEDY)[0].outputs[0]
     _assert_same_as_hf(ours, *_hf_generate(hf, expanded, kwargs))
+
+
+def test_video_file_decodes_and_samples_like_its_frames(ckpt, engine, tmp_path):
+    """An mp4 (40 frames at 10 fps) given as bytes and as a path is decoded with PyAV and sampled at
+    2 fps (8 frames): the same tokens as passing those 8 frames; the video's hash is the file's."""
+    from test_video_io import _mp4
+
+    from mistralpy.multimodal.video_io import decode_video
+
+    data, _ = _mp4(40, fps=10, w=60, h=90)
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(data)
+    frames = decode_video(data).frames
+    assert len(frames) == 8
+    ids = engine.tokenize("Watch <|vision_start|><|video_pad|><|vision_end|> now", add_special_tokens=False)
+    outs = [engine.generate({"prompt": ids, "videos": [src]}, GREEDY)[0].outputs[0].token_ids
+            for src in (data, str(path), frames)]
+    assert outs[0] == outs[1] == outs[2]
+    items = [engine._prepare({"prompt": ids, "videos": [src]}, GREEDY)[1][0].mm_items[0] for src in (data, str(path))]
+    assert items[0].hash == items[1].hash and items[0].modality == "video"
