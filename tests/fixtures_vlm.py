@@ -130,12 +130,14 @@ def build_llava_next(out_dir: Path, tokenizer_dir: Path, seed: int = 0, image_si
                                           image_grid_pinpoints=pinpoints, projector_hidden_act="gelu")
     torch.manual_seed(seed)
     model = transformers.LlavaNextForConditionalGeneration(config).float()
-    with torch.no_grad():   # non-trivial norms and biases; a larger newline row so it moves the logits
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith(".bias") or "layer_norm" in name or "layrnorm" in name:
+    with torch.no_grad():   # non-trivial norms and biases; larger image rows (projector, newline) and
+        for name, p in model.named_parameters():   # decoder weights, so the layout of the rows moves the logits
+            if name.endswith(("norm.weight", ".bias")) or "layer_norm" in name or "layrnorm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
-            elif name.endswith("image_newline"):
+            elif name.endswith("image_newline") or (p.dim() >= 2 and "multi_modal_projector" in name):
                 p.mul_(8.0)
+            elif p.dim() >= 2 and ".layers." in name and "vision_tower" not in name:
+                p.mul_(2.0)
     model.save_pretrained(out_dir)
     LlavaNextImageProcessorPil(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
                                image_grid_pinpoints=pinpoints).save_pretrained(out_dir)

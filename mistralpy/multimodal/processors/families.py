@@ -4,3 +4,4 @@ from mistralpy.multimodal.processors import qwen2_vl  # noqa: F401
 from mistralpy.multimodal.processors import gemma3  # noqa: F401
 from mistralpy.multimodal.processors import idefics2  # noqa: F401
 from mistralpy.multimodal.processors import idefics3  # noqa: F401
+from mistralpy.multimodal.processors import llava_next  # noqa: F401
