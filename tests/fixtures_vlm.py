@@ -285,3 +285,95 @@ def hf_idefics3_processor(path: Path, arch: str = "smolvlm"):
 
     return transformers.Idefics3Processor(image_processor=Idefics3ImageProcessorPil.from_pretrained(str(path)),
                                           tokenizer=tok, image_seq_len=image_seq_len)
+
+
+# ---------------------------------------------------------------------------------------- Mistral 3
+MISTRAL3_TOKENS = ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+
+
+def build_mistral3(out_dir: Path, tokenizer_dir: Path, seed: int = 0, patch_size: int = 8,
+                   longest_edge: int = 64) -> Path:
+    """A tiny Mistral3ForConditionalGeneration: Pixtral (2 layers, hidden 32, 2 heads, ``patch_size``
+    px patches, SiLU FFN), spatial merge 2, a 2-layer Mistral text model (hidden 64); images resized
+    to fit ``longest_edge`` in multiples of patch * merge. The chat template writes "[IMG]" per image;
+    processor_config.json carries patch_size / spatial_merge_size as PixtralProcessor saves them."""
+    import transformers
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    ids = vlm_tokenizer(tokenizer_dir, out_dir, MISTRAL3_TOKENS)
+    tok_cfg = json.loads((out_dir / "tokenizer_config.json").read_text())
+    tok_cfg["chat_template"] = VLM_TEMPLATE.replace("'<image>'", "'[IMG]'")
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, head_dim=16, patch_size=patch_size, image_size=longest_edge,
+                  hidden_act="silu")
+    text = dict(model_type="mistral", vocab_size=4160, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                rms_norm_eps=1e-5, bos_token_id=None, eos_token_id=2, pad_token_id=0, sliding_window=None,
+                tie_word_embeddings=False)
+    config = transformers.Mistral3Config(vision_config=vision, text_config=text, image_token_index=ids["[IMG]"],
+                                         spatial_merge_size=2, vision_feature_layer=-1, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = transformers.Mistral3ForConditionalGeneration(config).float()
+    _randomize(model)
+    with torch.no_grad():   # larger image rows, so the image visibly moves the logits, and peaked
+        for name, p in model.named_parameters():   # tower attention, so its 2-D RoPE matters
+            if "multi_modal_projector" in name and p.dim() >= 2:
+                p.mul_(4.0)
+            elif "vision_tower" in name and name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(10.0)
+    model.save_pretrained(out_dir)
+    merge_patch = patch_size * 2
+    PixtralImageProcessorPil(size={"longest_edge": longest_edge},
+                             patch_size={"height": merge_patch, "width": merge_patch}).save_pretrained(out_dir)
+    (out_dir / "processor_config.json").write_text(json.dumps(
+        {"processor_class": "PixtralProcessor", "patch_size": patch_size, "spatial_merge_size": 2,
+         "image_token": "[IMG]", "image_break_token": "[IMG_BREAK]", "image_end_token": "[IMG_END]"}))
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------- Qwen3-VL
+def build_qwen3_vl(out_dir: Path, tokenizer_dir: Path, moe: bool = False, seed: int = 0,
+                   deepstack: tuple[int, ...] = (0, 1)) -> Path:
+    """A tiny Qwen3-VL (``moe``: Qwen3-VL-MoE, 4 experts top 2) checkpoint: vision depth 2, hidden 32,
+    16 px patches, a 4x4 learned position table (interpolated to every grid), DeepStack mergers after
+    the blocks in ``deepstack``; 2 text layers, head_dim 16, interleaved mrope_section [4, 2, 2];
+    images sized within 64*64 .. 32*32*20 pixels (at most 20 merged tokens), mean / std 0.5."""
+    import transformers
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    ids = vlm_tokenizer(tokenizer_dir, out_dir, QWEN_VL_TOKENS)
+    tok_cfg = json.loads((out_dir / "tokenizer_config.json").read_text())
+    tok_cfg["chat_template"] = QWEN_VL_TEMPLATE
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    text = {"vocab_size": 4160, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 512,
+            "rms_norm_eps": 1e-6, "bos_token_id": None, "eos_token_id": 2, "pad_token_id": 0,
+            "rope_parameters": {"rope_type": "default", "mrope_section": [4, 2, 2], "rope_theta": 10000.0,
+                                "mrope_interleaved": True}}
+    if moe:
+        text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, decoder_sparse_step=1)
+    vision = {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 32,
+              "patch_size": 16, "num_position_embeddings": 16, "deepstack_visual_indexes": list(deepstack)}
+    special = {"image_token_id": ids["<|image_pad|>"], "video_token_id": ids["<|video_pad|>"],
+               "vision_start_token_id": ids["<|vision_start|>"], "vision_end_token_id": ids["<|vision_end|>"]}
+    if moe:
+        config = transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision, **special)
+        cls = transformers.Qwen3VLMoeForConditionalGeneration
+    else:
+        config = transformers.Qwen3VLConfig(text_config=text, vision_config=vision, **special)
+        cls = transformers.Qwen3VLForConditionalGeneration
+    torch.manual_seed(seed)
+    model = cls(config).float()
+    with torch.no_grad():   # non-trivial norms and biases; larger weights so images move the logits
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+            elif "pos_embed" in name:
+                p.normal_(0.0, 1.0)
+            elif p.dim() >= 2:
+                p.mul_(4.0)
+    model.save_pretrained(out_dir)
+    Qwen2VLImageProcessorPil(min_pixels=64 * 64, max_pixels=32 * 32 * 20, patch_size=16, temporal_patch_size=2,
+                             merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(out_dir)
+    return out_dir

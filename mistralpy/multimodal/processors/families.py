@@ -5,3 +5,4 @@ from mistralpy.multimodal.processors import gemma3  # noqa: F401
 from mistralpy.multimodal.processors import idefics2  # noqa: F401
 from mistralpy.multimodal.processors import idefics3  # noqa: F401
 from mistralpy.multimodal.processors import llava_next  # noqa: F401
+from mistralpy.multimodal.processors import pixtral  # noqa: F401
