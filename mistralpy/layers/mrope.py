@@ -6,6 +6,10 @@ chunk i rotates with axis i % 3 of the position triple, and the second half repe
 So half-dim j takes cos/sin of position ``positions[axis(j)]`` at frequency j: a lookup into the
 same float32 table plain RoPE uses, one axis per dim. Positions [T] (all axes equal) take the plain
 path unchanged, fused CPU kernel included.
+
+Qwen3-VL interleaves instead (``interleaved=True``, transformers' Qwen3VLTextRotaryEmbedding
+.recomposition_frequencies): half-dim j takes axis 1 (h) when j % 3 == 1 and j < 3 * section[1],
+axis 2 (w) when j % 3 == 2 and j < 3 * section[2], else axis 0 (t).
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import torch
 from mistralpy.errors import ModelLoadError
 from mistralpy.layers.rotary import RotaryEmbedding, compute_inv_freq
 
-__all__ = ["MRotaryEmbedding", "get_mrope", "mrope_section_from_config"]
+__all__ = ["MRotaryEmbedding", "get_mrope", "interleaved_axes", "mrope_section_from_config"]
 
 
 def mrope_section_from_config(cfg: dict) -> list[int]:
@@ -29,24 +33,38 @@ def mrope_section_from_config(cfg: dict) -> list[int]:
     return [16, 24, 24]
 
 
+def interleaved_axes(mrope_section: Sequence[int], half: int) -> torch.Tensor:
+    """Qwen3-VL's axis of each rotary half-dim [half]: t everywhere, then every third dim from 1
+    (h) and from 2 (w) below 3 * its section."""
+    axis = torch.zeros(half, dtype=torch.long)
+    for ax in (1, 2):
+        axis[ax: 3 * mrope_section[ax]: 3] = ax
+    return axis
+
+
 class MRotaryEmbedding(RotaryEmbedding):
     """RoPE that also takes positions [3, T] (t, h, w rows). A subclass, so that code which only
     accepts the plain class (worker/native_decode.py) declines models that use it."""
 
     def __init__(self, head_dim: int, inv_freq: torch.Tensor, attention_scaling: float, max_position: int,
-                 dtype: torch.dtype, mrope_section: Sequence[int]) -> None:
+                 dtype: torch.dtype, mrope_section: Sequence[int], interleaved: bool = False) -> None:
         super().__init__(head_dim, inv_freq, attention_scaling, max_position, dtype)
         half = self.rotary_dim // 2
         if sum(mrope_section) != half:
             raise ModelLoadError(f"mrope_section {list(mrope_section)} must sum to rotary_dim / 2 = {half}")
         self.mrope_section = tuple(int(s) for s in mrope_section)
-        # axis (0 t, 1 h, 2 w) of each rotary half-dim: transformers' chunk i takes axis i % 3
-        self._axis = torch.cat([torch.full((n,), i % 3, dtype=torch.long) for i, n in enumerate(self.mrope_section)])
+        self.interleaved = interleaved
+        if interleaved:
+            self._axis = interleaved_axes(self.mrope_section, half)
+        else:   # axis (0 t, 1 h, 2 w) of each rotary half-dim: transformers' chunk i takes axis i % 3
+            self._axis = torch.cat([torch.full((n,), i % 3, dtype=torch.long)
+                                    for i, n in enumerate(self.mrope_section)])
         self._dims = torch.arange(half)
         self._m_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # positions, cos, sin
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", mrope_section={list(self.mrope_section)}"
+        return super().extra_repr() + f", mrope_section={list(self.mrope_section)}" + (
+            ", interleaved" if self.interleaved else "")
 
     def mrope_cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [3, T] int64 -> float32 cos, sin [T, rotary_dim/2] (times attention_scaling)."""
@@ -76,9 +94,9 @@ class MRotaryEmbedding(RotaryEmbedding):
 
 def get_mrope(head_dim: int, max_position: int, base: float, mrope_section: Sequence[int],
               dtype: torch.dtype, scaling: dict | None = None,
-              max_model_len: int | None = None) -> MRotaryEmbedding:
+              max_model_len: int | None = None, interleaved: bool = False) -> MRotaryEmbedding:
     """An MRotaryEmbedding over the full head (Qwen-VL rotates every dim); ``scaling`` as
     rotary.rope_params_from_config returns it (None for the default rope every Qwen-VL uses)."""
     inv_freq, attention_scaling = compute_inv_freq(head_dim, base, scaling, max_position, max_model_len)
     return MRotaryEmbedding(head_dim, inv_freq, attention_scaling, max_model_len or max_position, dtype,
-                            mrope_section)
+                            mrope_section, interleaved)
