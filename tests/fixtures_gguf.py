@@ -32,13 +32,16 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _tokenizer_fields(writer, hf_dir: Path) -> None:
+def _tokenizer_fields(writer, hf_dir: Path, vocab_size: int = 0) -> None:
+    """vocab_size: a larger embedding than the tokenizer pads the list with `[PAD{i}]` tokens
+    (UNUSED), as llama.cpp's converter does (its loader wants one token per embedding row)."""
     tok = json.loads((hf_dir / "tokenizer.json").read_text())
     vocab: dict[str, int] = tok["model"]["vocab"]
     added = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
     size = max(max(vocab.values()), max(added.values(), default=0)) + 1
-    tokens = [""] * size
-    types = [1] * size
+    padded = max(size, vocab_size)
+    tokens = [f"[PAD{i}]" for i in range(padded)]
+    types = [1] * size + [5] * (padded - size)  # the padding is UNUSED
     for text, i in vocab.items():
         tokens[i] = text
     for text, i in added.items():
@@ -224,7 +227,7 @@ def write_gguf(hf_dir: Path, out: Path, weight_type: str = "F32", fuse_qkv: bool
         _phi3_fields(w, cfg, rope, int(head_dim * rope.get("partial_rotary_factor", 1.0)))
     w.add_vocab_size(cfg["vocab_size"])
     w.add_file_type(gguf.LlamaFileType.ALL_F32 if weight_type == "F32" else gguf.LlamaFileType.MOSTLY_F16)
-    _tokenizer_fields(w, hf_dir)
+    _tokenizer_fields(w, hf_dir, cfg["vocab_size"])
     if arch.startswith("gemma"):
         _gemma_fields(w, cfg, arch)
     if arch == "deepseek2":
@@ -291,3 +294,177 @@ def llama_cpp_logits(path: Path, ids: list[int]) -> torch.Tensor:
         return torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32)
     finally:
         llm.close()
+
+
+# ---- LLaVA 1.5: a llama text GGUF + a llama.cpp mmproj (clip) GGUF ---------------------------------
+
+def _llava_split(state: dict) -> tuple[dict, dict]:
+    """An HF LLaVA state dict -> (text model tensors in LlamaForCausalLM names, vision + projector tensors
+    as `vision_model.*` / `multi_modal_projector.*`), whichever of the saved layouts it uses."""
+    text, vision = {}, {}
+    for name, t in state.items():
+        n = name.removeprefix("model.")
+        if n.startswith("language_model.model."):
+            text["model." + n[len("language_model.model."):]] = t
+        elif n.startswith("language_model.lm_head.") or name.startswith("lm_head."):
+            text["lm_head." + n.split("lm_head.", 1)[1]] = t
+        elif n.startswith("language_model."):
+            text["model." + n[len("language_model."):]] = t
+        elif n.startswith("vision_tower."):
+            inner = n[len("vision_tower."):]
+            vision[inner if inner.startswith("vision_model.") else "vision_model." + inner] = t
+        elif n.startswith("multi_modal_projector."):
+            vision[n] = t
+    return text, vision
+
+
+def _mmproj_name(name: str) -> str | None:
+    """HF CLIP / projector name -> llama.cpp's mmproj name (clip-impl.h TN_*), None for dropped ones."""
+    import re
+
+    if name.startswith("multi_modal_projector."):
+        return name.replace("multi_modal_projector.linear_1.", "mm.0.").replace("multi_modal_projector.linear_2.", "mm.2.")
+    n = name.removeprefix("vision_model.")
+    fixed = {"embeddings.class_embedding": "v.class_embd", "embeddings.patch_embedding.weight": "v.patch_embd.weight",
+             "embeddings.position_embedding.weight": "v.position_embd.weight",
+             "pre_layrnorm.weight": "v.pre_ln.weight", "pre_layrnorm.bias": "v.pre_ln.bias"}
+    if n in fixed:
+        return fixed[n]
+    if n.startswith("post_layernorm.") or n.endswith("position_ids"):
+        return None   # the legacy converter drops post_layernorm for LLaVA
+    m = re.match(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$", n)
+    if m is None:
+        raise KeyError(name)
+    part = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+            "self_attn.out_proj": "attn_out", "layer_norm1": "ln1", "layer_norm2": "ln2",
+            "mlp.fc1": "ffn_up", "mlp.fc2": "ffn_down"}[m.group(2)]
+    return f"v.blk.{m.group(1)}.{part}.{m.group(3)}"
+
+
+def write_llava_gguf(hf_dir: Path, out_dir: Path, legacy_ffn_names: bool = False,
+                     feature_layer_key: bool = True) -> tuple[Path, Path]:
+    """An HF LLaVA 1.5 folder -> (`llava-text.gguf`, `mmproj-llava.gguf`), both F32, as llama.cpp's
+    tools (convert_hf_to_gguf for the text, legacy-models/convert_image_encoder_to_gguf for the
+    projector) lay them out: layers past the selected one dropped, post_layernorm dropped, the
+    feature layer as a non-negative `clip.vision.feature_layer` (or absent: clip.cpp then runs
+    block_count - 1 layers, so one more layer is kept). legacy_ffn_names: fc1/fc2 written as
+    ffn_down/ffn_up, as that script does (clip.cpp swaps them back by shape)."""
+    import shutil
+
+    import gguf
+    from safetensors.torch import load_file, save_file
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    state = {}
+    for f in sorted(hf_dir.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    text_state, vision_state = _llava_split(state)
+    text_dir = out_dir / "text-hf"
+    text_dir.mkdir(parents=True, exist_ok=True)
+    tcfg = {**cfg["text_config"], "architectures": ["LlamaForCausalLM"]}
+    (text_dir / "config.json").write_text(json.dumps(tcfg))
+    save_file({k: v.contiguous() for k, v in text_state.items()}, str(text_dir / "model.safetensors"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(hf_dir / name, text_dir / name)
+    text_path = write_gguf(text_dir, out_dir / "llava-text.gguf")
+
+    vc = cfg["vision_config"]
+    n = vc["num_hidden_layers"]
+    layer = cfg.get("vision_feature_layer", -2)
+    layer = layer if layer >= 0 else n + 1 + layer   # hidden_states index: 0 = embeddings
+    keep = layer if feature_layer_key else layer + 1
+    pp = json.loads((hf_dir / "preprocessor_config.json").read_text())
+    w = gguf.GGUFWriter(str(out_dir / "mmproj-llava.gguf"), "clip")
+    w.add_bool("clip.has_text_encoder", False)
+    w.add_clip_has_vision_encoder(True)
+    w.add_bool("clip.has_llava_projector", True)
+    w.add_string("clip.projector_type", "mlp")
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_vision_image_size(vc["image_size"])
+    w.add_vision_patch_size(vc["patch_size"])
+    w.add_vision_embedding_length(vc["hidden_size"])
+    w.add_vision_feed_forward_length(vc["intermediate_size"])
+    w.add_vision_projection_dim(cfg["text_config"]["hidden_size"])
+    w.add_vision_head_count(vc["num_attention_heads"])
+    w.add_vision_attention_layernorm_eps(vc.get("layer_norm_eps", 1e-5))
+    w.add_vision_block_count(keep)
+    if feature_layer_key:
+        w.add_array("clip.vision.feature_layer", [layer])
+    w.add_vision_image_mean(list(pp["image_mean"]))
+    w.add_vision_image_std(list(pp["image_std"]))
+    w.add_vision_use_gelu(vc.get("hidden_act") == "gelu")
+    for name, tensor in vision_state.items():
+        new = _mmproj_name(name)
+        if new is None:
+            continue
+        if new.startswith("v.blk.") and int(new.split(".")[2]) >= keep:
+            continue
+        if legacy_ffn_names and ".ffn_" in new:
+            new = new.replace("ffn_up", "ffn_tmp").replace("ffn_down", "ffn_up").replace("ffn_tmp", "ffn_down")
+        w.add_tensor(new, np.ascontiguousarray(tensor.to(torch.float32).numpy()))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return text_path, out_dir / "mmproj-llava.gguf"
+
+
+def llama_cpp_mtmd(text_path: Path, mmproj_path: Path, prompt: str, image: np.ndarray) -> dict:
+    """llama.cpp's multimodal path (libmtmd) on one prompt holding the default marker and one RGB
+    uint8 image [H, W, 3]: the image chunk's embeddings (mtmd_encode_chunk + mtmd_get_output_embd),
+    the text chunks' ids and the logits of the last position after evaluating every chunk."""
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp import mtmd_cpp as mtmd
+
+    llama_cpp.llama_backend_init()
+    mparams = llama_cpp.llama_model_default_params()
+    model = llama_cpp.llama_model_load_from_file(str(text_path).encode(), mparams)
+    assert model, "llama.cpp could not load the text GGUF"
+    cparams = llama_cpp.llama_context_default_params()
+    cparams.n_ctx, cparams.n_batch, cparams.n_ubatch = 256, 256, 256
+    cparams.n_threads = cparams.n_threads_batch = 2
+    lctx = llama_cpp.llama_init_from_model(model, cparams)
+    params = mtmd.mtmd_context_params_default()
+    params.use_gpu, params.n_threads, params.warmup, params.print_timings = False, 2, False, False
+    ctx = mtmd.mtmd_init_from_file(str(mmproj_path).encode(), model, params)
+    assert ctx, "libmtmd refused the mmproj file"
+    h, w, _ = image.shape
+    buf = np.ascontiguousarray(image, dtype=np.uint8)
+    bitmap = mtmd.mtmd_bitmap_init(w, h, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)))
+    chunks = mtmd.mtmd_input_chunks_init()
+    try:
+        raw = prompt.encode()
+        text = mtmd.mtmd_input_text(raw, len(raw), False, True)
+        bitmaps = (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap)
+        rc = mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(text), bitmaps, 1)
+        assert rc == 0, f"mtmd_tokenize failed ({rc})"
+        out: dict = {"chunks": []}
+        n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
+        n_embd = llama_cpp.llama_model_n_embd(model)
+        for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+            chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+            if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+                assert mtmd.mtmd_encode_chunk(ctx, chunk) == 0
+                ptr = mtmd.mtmd_get_output_embd(ctx)
+                out["image_embeds"] = torch.tensor(np.ctypeslib.as_array(ptr, shape=(n * n_embd,)).copy()).view(n, n_embd)
+                out["chunks"].append(("image", n))
+            else:
+                n_tok = ctypes.c_size_t(0)
+                ids = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n_tok))
+                out["chunks"].append(("text", [ids[j] for j in range(n_tok.value)]))
+        new_n_past = llama_cpp.llama_pos(0)
+        rc = mtmd.mtmd_helper_eval_chunks(ctx, lctx, chunks, 0, 0, 256, True, ctypes.byref(new_n_past))
+        assert rc == 0, f"mtmd_helper_eval_chunks failed ({rc})"
+        logits = llama_cpp.llama_get_logits_ith(lctx, -1)
+        out["last_logits"] = torch.tensor(np.ctypeslib.as_array(logits, shape=(n_vocab,)).copy())
+        out["n_past"] = new_n_past.value
+        return out
+    finally:
+        mtmd.mtmd_input_chunks_free(chunks)
+        mtmd.mtmd_bitmap_free(bitmap)
+        mtmd.mtmd_free(ctx)
+        llama_cpp.llama_free(lctx)
+        llama_cpp.llama_model_free(model)

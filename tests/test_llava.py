@@ -244,3 +244,30 @@ def test_llava_hf_checkpoint_layout_loads(llava, tmp_path):
             ids = eng.tokenize("Describe <image> now.", add_special_tokens=False)
             outs.append(eng.generate({"prompt": ids, "images": [img]}, GREEDY)[0].outputs[0].token_ids)
     assert outs[0] == outs[1] == outs[2]
+
+
+def test_native_decode_and_compile_serve_llava_decode_steps(llava):
+    """Decode steps (no media) of a vision model go through the text model's fast paths: the native
+    C++ decode loop in bf16 where it is eligible, and compile=True builds; tokens equal the eager path."""
+    img = _image(50, 40, seed=21)
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outs = {}
+    for label, kwargs, env in (("eager", {}, "0"), ("native", {}, "1"), ("compile", {"compile": True}, "0")):
+        import os
+
+        old = os.environ.get("MISTRALPY_NATIVE_DECODE")
+        os.environ["MISTRALPY_NATIVE_DECODE"] = env
+        try:
+            with Engine(str(llava), dtype="f32", num_kv_blocks=64, max_model_len=256, **kwargs) as eng:
+                ids = eng.tokenize("See <image> and", add_special_tokens=False)
+                outs[label] = eng.generate({"prompt": ids, "images": [img]}, sp)[0].outputs[0].token_ids
+                if label == "native":
+                    outs["native_used"] = eng.core.runner.native is not None
+        finally:
+            if old is None:
+                os.environ.pop("MISTRALPY_NATIVE_DECODE", None)
+            else:
+                os.environ["MISTRALPY_NATIVE_DECODE"] = old
+    assert outs["eager"] == outs["compile"]
+    if outs["native_used"]:
+        assert outs["eager"] == outs["native"]

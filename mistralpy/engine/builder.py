@@ -68,6 +68,9 @@ class EngineOptions:
     reasoning_parser: str | None = None
     max_num_images: int = 8  # images per request (vision models)
     max_edge: int | None = None  # vision models: images are first shrunk so their longest edge is at most this
+    # GGUF models: llama.cpp's vision projector file (LLaVA 1.5). None: the one *mmproj*.gguf beside
+    # the model file, if there is exactly one; "none": load the text model alone.
+    mmproj: str | None = None
     compile: bool = False  # torch.compile decode steps (worker/compile.py), compiled by a warm-up at build time
     # Called as weights load: progress(tensors_done, tensors_total, bytes_done, bytes_total, what)
     # (loading/model_loader.ProgressFn; the CLI passes cli/progress.LoadProgress). None: silent.
@@ -137,26 +140,68 @@ def cpu_ext_summary() -> str:
     return f"{variant} variant, qmm {cpu_ext.isa()}" if variant else "unavailable"
 
 
-def build_gguf_model_config(path: Path, opts: EngineOptions) -> tuple[ModelConfig, Tokenizer]:
+def build_gguf_model_config(path: Path, opts: EngineOptions,
+                            model: str | None = None) -> tuple[ModelConfig, Tokenizer]:
     files = split_files(path)
     readers = open_readers(files)
     meta = metadata(readers[0])
     names = {t.name for r in readers for t in r.tensors}
     hf_config = hf_config_from_gguf(meta, names)
     apply_rope_freq_factors(hf_config, readers)
-    arch = resolve_architecture(hf_config, opts.arch)
-    device = resolve_device(opts.device)
-    dtype = resolve_gguf_dtype(opts.dtype, device)
-    model_config = ModelConfig(path=path, hf_config=hf_config, architecture=arch, dtype=dtype,
-                               max_model_len=derive_max_model_len(hf_config, opts.max_model_len),
-                               gguf_files=files, gguf_readers=readers)
     if opts.tokenizer:
         tokenizer = _tokenizer_from_option(opts)
     else:
         from mistralpy.tokenizer.gguf_tokenizer import tokenizer_from_gguf
 
         tokenizer = tokenizer_from_gguf(readers[0], chat_template_override=opts.chat_template)
+    text_cfg = hf_config
+    mmproj = resolve_mmproj(path, opts, model)
+    if mmproj is not None:
+        try:
+            hf_config = _llava_over_gguf(hf_config, mmproj, tokenizer)
+        except ModelLoadError as exc:
+            if opts.mmproj is not None:   # asked for: an error; found beside the model: text only
+                raise
+            log.warning("not using %s: %s", mmproj.name, exc)
+    arch = resolve_architecture(hf_config, opts.arch)
+    device = resolve_device(opts.device)
+    dtype = resolve_gguf_dtype(opts.dtype, device)
+    model_config = ModelConfig(path=path, hf_config=hf_config, architecture=arch, dtype=dtype,
+                               max_model_len=derive_max_model_len(text_cfg, opts.max_model_len),
+                               gguf_files=files, gguf_readers=readers)
     return model_config, tokenizer
+
+
+def resolve_mmproj(model_path: Path, opts: EngineOptions, model: str | None = None) -> Path | None:
+    """The projector file to load with a GGUF model: `mmproj` (a path, else a file of the repo or
+    folder `model` when the GGUF came from one via `gguf_file`), else the one *mmproj*.gguf beside
+    the model file; "none" turns it off."""
+    from mistralpy.loading.gguf_mmproj import find_mmproj
+
+    if opts.mmproj is None:
+        found = find_mmproj(model_path)
+        if found is not None:
+            log.info("vision projector %s found beside %s (mmproj='none' skips it)", found.name, model_path.name)
+        return found
+    if opts.mmproj.lower() == "none":
+        return None
+    local = Path(opts.mmproj).expanduser()
+    if local.is_file() or not (opts.gguf_file and model):
+        return local   # (a missing file is reported by read_mmproj)
+    return resolve_file(model, opts.mmproj, revision=opts.revision, token_source=opts.token_source)
+
+
+def _llava_over_gguf(text_cfg: dict[str, Any], mmproj: Path, tokenizer: Tokenizer) -> dict[str, Any]:
+    """A LLaVA config over the GGUF text model; how prompts mark images: loading/gguf_mmproj.py."""
+    from mistralpy.loading import gguf_mmproj
+
+    mm = gguf_mmproj.read_mmproj(mmproj)
+    cfg = gguf_mmproj.llava_config(text_cfg, mm, gguf_mmproj.placeholder_token_id(tokenizer, text_cfg["vocab_size"]))
+    gguf_mmproj.add_media_marker(tokenizer)   # (after every check: a refused file leaves it untouched)
+    # read by the loader (tensors) and Engine._media_input (the processor)
+    cfg["gguf_mmproj"] = {"path": str(mm.path), "preprocessor": mm.preprocessor,
+                          "marker_ids": gguf_mmproj.marker_ids(tokenizer)}
+    return cfg
 
 
 def _tokenizer_from_option(opts: EngineOptions) -> Tokenizer:
@@ -177,7 +222,7 @@ def build_core(model: str, opts: EngineOptions) -> tuple[EngineCore, Tokenizer, 
         topology.check_devices(str(resolve_device(opts.device)))
     gguf_path = resolve_gguf(model, opts)
     if gguf_path is not None:
-        model_config, tokenizer = build_gguf_model_config(gguf_path, opts)
+        model_config, tokenizer = build_gguf_model_config(gguf_path, opts, model)
         model_config.isq, model_config.topology = isq, topology
         return _core(model_config, opts, tokenizer), tokenizer, model_config
     model_dir = resolve_model_dir(model, revision=opts.revision, token_source=opts.token_source)

@@ -127,7 +127,12 @@ class Engine:
         mc = self.model_config
         if not hasattr(self.core.runner.model, "embed_multimodal"):  # text-only (or its vision part not built yet)
             return None
-        processor = processor_for(mc.architecture, mc.path, mc.hf_config, self.tokenizer)
+        if mc.gguf_files and mc.hf_config.get("gguf_mmproj"):   # GGUF + mmproj: settings from the mmproj
+            from mistralpy.loading.gguf_mmproj import gguf_llava_processor
+
+            processor = gguf_llava_processor(mc.hf_config, self.tokenizer)
+        else:
+            processor = processor_for(mc.architecture, mc.path, mc.hf_config, self.tokenizer)
         if processor is None:
             return None
         return MediaInput(processor, self.options.max_num_images, max_edge=self.options.max_edge)

@@ -94,6 +94,20 @@ def with_progress(tensors: Iterable, total: int, total_bytes: int, what: str,
         progress(done, max(total, done), nbytes, max(total_bytes, nbytes), what)
 
 
+def _with_mmproj(text: Iterator, path: str, totals: tuple[int, int] | None) -> tuple[Iterator, tuple[int, int] | None]:
+    """The text GGUF's tensors under the multimodal model's `language_model.` prefix, then the
+    projector file's (loading/gguf_mmproj.py gives them HF LLaVA names)."""
+    import itertools
+
+    from mistralpy.loading.gguf_mmproj import iter_mmproj_tensors, read_mmproj
+
+    mm = read_mmproj(path)
+    if totals is not None:
+        totals = totals[0] + len(mm.reader.tensors), totals[1] + sum(int(t.n_bytes) for t in mm.reader.tensors)
+    text = (("language_model." + name, t) for name, t in text)
+    return itertools.chain(text, iter_mmproj_tensors(mm)), totals
+
+
 def load_model(model_config: ModelConfig, device: torch.device, backend: AttentionBackend,
                progress: ProgressFn | None = None) -> CausalLM:
     """Allocate parameters uninitialised (torch.empty), then copy tensors in one by one.
@@ -125,6 +139,9 @@ def load_model(model_config: ModelConfig, device: torch.device, backend: Attenti
         if progress is not None:
             kept = [t for r in readers for t in r.tensors if hf_tensor_name(t.name, arch) is not None]
             totals = len(kept), sum(int(t.n_bytes) for t in kept)
+        mmproj = model_config.hf_config.get("gguf_mmproj")
+        if getattr(cls, "multimodal", False) and mmproj:   # LLaVA: text GGUF + llama.cpp's mmproj
+            tensors, totals = _with_mmproj(tensors, mmproj["path"], totals if progress is not None else None)
     else:
         files = safetensors_files(Path(model_config.path))
         tensors = iter_safetensors(files)

@@ -108,6 +108,13 @@ class Mistral3ForConditionalGeneration(CausalLM):
 
     # ---- weights ---------------------------------------------------------------------------------
     @property
+    def model(self) -> nn.Module:
+        """The text model's decoder stack, which the native CPU decode loop and --compile take over
+        on decode-only steps (they look for ``model.model``). A property, not a submodule: parameter
+        names stay ``language_model.model.*``."""
+        return self.language_model.model
+
+    @property
     def lm_head(self) -> nn.Module:
         return self.language_model.lm_head
 
