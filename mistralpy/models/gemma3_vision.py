@@ -35,7 +35,7 @@ from torch import nn
 from mistralpy.attention.backend import AttentionBackend, AttentionSpec
 from mistralpy.attention.torch_ref import TorchRefBackend
 from mistralpy.layers.norm import RMSNorm
-from mistralpy.models.base import CausalLM
+from mistralpy.models.vlm import VisionLanguageModel
 from mistralpy.models.gemma3 import TEXT_DEFAULTS, Gemma3ForCausalLM
 from mistralpy.models.gemma3 import Gemma3ForConditionalGeneration as Gemma3TextOnly
 from mistralpy.multimodal.encoders.siglip import SiglipVisionTransformer, map_siglip_name, siglip_config
@@ -127,10 +127,8 @@ def image_runs(input_ids: torch.Tensor, md: Any, image_id: int) -> list[tuple[An
     return runs
 
 
-class Gemma3ForConditionalGeneration(CausalLM):
-    multimodal = True    # built from the whole config (loading/model_loader.py)
+class Gemma3ForConditionalGeneration(VisionLanguageModel):
     isq_skip_prefixes = ("vision_tower.", "multi_modal_projector.")
-    lm_head_prefix = "language_model.lm_head."
 
     def __new__(cls, cfg: dict[str, Any], backend: AttentionBackend) -> Any:
         if not cfg.get("vision_config"):   # a text-only checkpoint of this architecture: no tower
@@ -157,11 +155,7 @@ class Gemma3ForConditionalGeneration(CausalLM):
                         IMAGE_ATTENTION_ENV, getattr(backend, "name", type(backend).__name__))
             mode = "causal"
         self._runs = ImageRunAttention(backend) if mode == "bidirectional" else None
-        self.language_model = Gemma3ForCausalLM(tcfg, self._runs or backend)
-        lm = self.language_model
-        self.num_layers, self.num_kv_heads, self.head_dim = lm.num_layers, lm.num_kv_heads, lm.head_dim
-        self.stacked_params = lm.stacked_params
-        self.ignored_suffixes = lm.ignored_suffixes
+        self.adopt_text_model(Gemma3ForCausalLM(tcfg, self._runs or backend))
 
     @staticmethod
     def complete_config(hf_config: dict[str, Any]) -> dict[str, Any]:
@@ -185,9 +179,6 @@ class Gemma3ForConditionalGeneration(CausalLM):
         finally:
             self._runs.runs = []
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.language_model.compute_logits(hidden)
-
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Scaled text embeddings; ids past the vocabulary (an image token id outside it, as
         transformers allows) look up row 0 and are replaced by image rows."""
@@ -204,31 +195,14 @@ class Gemma3ForConditionalGeneration(CausalLM):
         return rows.reshape(-1, rows.shape[-1])
 
     # ---- weights ---------------------------------------------------------------------------------
-    @property
-    def lm_head(self) -> nn.Module:
-        return self.language_model.lm_head
-
-    @property
-    def model(self) -> nn.Module:
-        """The text model's decoder stack, which the native CPU decode loop and --compile take over
-        on decode-only steps (worker/native_decode.py, worker/compile.py look for ``model.model``).
-        A property, not a submodule: parameter names stay ``language_model.model.*``."""
-        return self.language_model.model
-
     def map_weight_name(self, name: str) -> str | None:
         """transformers 5 layout (model.language_model / model.vision_tower / model.multi_modal_projector
         / lm_head) and the older one (language_model.model / language_model.lm_head / vision_tower.
         vision_model / multi_modal_projector)."""
-        if name.startswith("model."):
-            name = name[len("model."):]
-            if name.startswith("language_model."):
-                name = "language_model.model." + name[len("language_model."):]
-        if name.startswith("lm_head."):
-            name = "language_model." + name
+        name = self.common_layout(name)
         if name.startswith("vision_tower."):
             inner = map_siglip_name(name[len("vision_tower."):])
             return None if inner is None else "vision_tower." + inner
         if name.startswith("language_model."):
-            inner = self.language_model.map_weight_name(name[len("language_model."):])
-            return None if inner is None else "language_model." + inner
+            return self.map_text_name(name)
         return name   # multi_modal_projector.*

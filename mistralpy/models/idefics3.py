@@ -19,7 +19,7 @@ from torch import nn
 from mistralpy.attention.backend import AttentionBackend
 from mistralpy.errors import ModelLoadError
 from mistralpy.layers.linear import Linear
-from mistralpy.models.base import CausalLM
+from mistralpy.models.vlm import VisionLanguageModel
 from mistralpy.models.llava import TEXT_ARCHS
 from mistralpy.models.registry import get_model_class
 from mistralpy.multimodal.encoders.siglip import (
@@ -80,10 +80,8 @@ class Idefics3Connector(nn.Module):
         return self.modality_projection.proj(pixel_shuffle(x, self.scale_factor))
 
 
-class Idefics3ForConditionalGeneration(CausalLM):
-    multimodal = True    # built from the whole config (loading/model_loader.py)
+class Idefics3ForConditionalGeneration(VisionLanguageModel):
     isq_skip_prefixes = ("vision_model.", "connector.")
-    lm_head_prefix = "language_model.lm_head."
 
     def __init__(self, cfg: dict[str, Any], backend: AttentionBackend) -> None:
         super().__init__()
@@ -93,11 +91,7 @@ class Idefics3ForConditionalGeneration(CausalLM):
         tcfg = {**cfg["text_config"], "tie_word_embeddings": bool(cfg["tie_word_embeddings"])}
         self.vision_model = SiglipVisionTransformer(vcfg, variable_resolution=True)
         self.connector = Idefics3Connector(vcfg["hidden_size"], tcfg["hidden_size"], int(cfg["scale_factor"]))
-        self.language_model = text_class_by_type(tcfg)(tcfg, backend)
-        lm = self.language_model
-        self.num_layers, self.num_kv_heads, self.head_dim = lm.num_layers, lm.num_kv_heads, lm.head_dim
-        self.stacked_params = lm.stacked_params
-        self.ignored_suffixes = lm.ignored_suffixes
+        self.adopt_text_model(text_class_by_type(tcfg)(tcfg, backend))
 
     @staticmethod
     def complete_config(hf_config: dict[str, Any]) -> dict[str, Any]:
@@ -106,19 +100,6 @@ class Idefics3ForConditionalGeneration(CausalLM):
         return {**TOP_DEFAULTS, **hf_config, "vision_config": vision}
 
     # ---- the contract of the model runner ------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list, attn_metadata: Any,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        lm = self.language_model
-        if inputs_embeds is None:
-            return lm(input_ids, positions, kv_caches, attn_metadata)
-        return lm.model.decode_layers(positions, inputs_embeds, kv_caches, attn_metadata)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.language_model.compute_logits(hidden)
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.model.embed_tokens(input_ids)
-
     @torch.inference_mode()
     def embed_multimodal(self, item: Any) -> torch.Tensor:
         """One image's rows for the language model: [tiles * image_seq_len, text hidden], tile by tile."""
@@ -132,17 +113,6 @@ class Idefics3ForConditionalGeneration(CausalLM):
         return rows.reshape(-1, rows.shape[-1])
 
     # ---- weights ---------------------------------------------------------------------------------
-    @property
-    def lm_head(self) -> nn.Module:
-        return self.language_model.lm_head
-
-    @property
-    def model(self) -> nn.Module:
-        """The text model's decoder stack, which the native CPU decode loop and --compile take over
-        on decode-only steps (worker/native_decode.py, worker/compile.py look for ``model.model``).
-        A property, not a submodule: parameter names stay ``language_model.model.*``."""
-        return self.language_model.model
-
     def map_weight_name(self, name: str) -> str | None:
         name = name.removeprefix("model.")
         if name.startswith("lm_head."):

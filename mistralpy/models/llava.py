@@ -18,8 +18,8 @@ from torch import nn
 from mistralpy.attention.backend import AttentionBackend
 from mistralpy.errors import ModelLoadError
 from mistralpy.layers.linear import Linear
-from mistralpy.models.base import CausalLM
 from mistralpy.models.registry import get_model_class
+from mistralpy.models.vlm import VisionLanguageModel
 from mistralpy.multimodal.encoders.clip import VISION_ACTS, ClipVisionModel, map_vision_name
 
 # text model_type -> our class for the language model
@@ -46,10 +46,8 @@ class LlavaProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
-class LlavaForConditionalGeneration(CausalLM):
-    multimodal = True    # built from the whole config (loading/model_loader.py)
+class LlavaForConditionalGeneration(VisionLanguageModel):
     isq_skip_prefixes = ("vision_tower.", "multi_modal_projector.")
-    lm_head_prefix = "language_model.lm_head."
 
     def __init__(self, cfg: dict[str, Any], backend: AttentionBackend) -> None:
         super().__init__()
@@ -65,25 +63,7 @@ class LlavaForConditionalGeneration(CausalLM):
         self.multi_modal_projector = LlavaProjector(vcfg["hidden_size"] * len(absolute), tcfg["hidden_size"],
                                                     cfg.get("projector_hidden_act", "gelu"),
                                                     bool(cfg.get("multimodal_projector_bias", True)))
-        self.language_model = text_model_class(tcfg)(tcfg, backend)
-        lm = self.language_model
-        self.num_layers, self.num_kv_heads, self.head_dim = lm.num_layers, lm.num_kv_heads, lm.head_dim
-        self.stacked_params = lm.stacked_params
-        self.ignored_suffixes = lm.ignored_suffixes
-
-    # ---- the contract of the model runner ------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list, attn_metadata: Any,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        lm = self.language_model
-        if inputs_embeds is None:
-            return lm(input_ids, positions, kv_caches, attn_metadata)
-        return lm.model.decode_layers(positions, inputs_embeds, kv_caches, attn_metadata)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.language_model.compute_logits(hidden)
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.model.embed_tokens(input_ids)
+        self.adopt_text_model(text_model_class(tcfg)(tcfg, backend))
 
     @torch.inference_mode()
     def embed_multimodal(self, item: Any) -> torch.Tensor:
@@ -97,24 +77,8 @@ class LlavaForConditionalGeneration(CausalLM):
         return rows.reshape(-1, rows.shape[-1])
 
     # ---- weights ---------------------------------------------------------------------------------
-    @property
-    def model(self) -> nn.Module:
-        """The text model's decoder stack, which the native CPU decode loop and --compile take over
-        on decode-only steps (they look for ``model.model``). A property, not a submodule: parameter
-        names stay ``language_model.model.*``."""
-        return self.language_model.model
-
-    @property
-    def lm_head(self) -> nn.Module:
-        return self.language_model.lm_head
-
     def map_weight_name(self, name: str) -> str | None:
-        if name.startswith("model."):
-            name = name[len("model."):]
-            if name.startswith("language_model."):
-                name = "language_model.model." + name[len("language_model."):]
-        if name.startswith("lm_head."):
-            name = "language_model." + name
+        name = self.common_layout(name)
         if name.startswith("vision_tower."):
             inner = name[len("vision_tower."):]
             if not inner.startswith("vision_model."):   # transformers 5 saves the tower without it
@@ -122,6 +86,5 @@ class LlavaForConditionalGeneration(CausalLM):
             mapped = map_vision_name(inner, self.num_vision_layers)
             return None if mapped is None else "vision_tower." + mapped
         if name.startswith("language_model."):
-            inner = self.language_model.map_weight_name(name[len("language_model."):])
-            return None if inner is None else "language_model." + inner
+            return self.map_text_name(name)
         return name

@@ -19,7 +19,7 @@ from mistralpy.attention.backend import AttentionBackend
 from mistralpy.errors import ModelLoadError
 from mistralpy.layers.linear import Linear
 from mistralpy.layers.norm import RMSNorm
-from mistralpy.models.base import CausalLM
+from mistralpy.models.vlm import VisionLanguageModel
 from mistralpy.models.llava import text_model_class
 from mistralpy.multimodal.encoders.clip import VISION_ACTS
 from mistralpy.multimodal.encoders.pixtral import PixtralVisionModel, map_pixtral_name
@@ -57,10 +57,8 @@ class Mistral3MultiModalProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
-class Mistral3ForConditionalGeneration(CausalLM):
-    multimodal = True    # built from the whole config (loading/model_loader.py)
+class Mistral3ForConditionalGeneration(VisionLanguageModel):
     isq_skip_prefixes = ("vision_tower.", "multi_modal_projector.")
-    lm_head_prefix = "language_model.lm_head."
 
     def __init__(self, cfg: dict[str, Any], backend: AttentionBackend) -> None:
         super().__init__()
@@ -72,29 +70,12 @@ class Mistral3ForConditionalGeneration(CausalLM):
         self.num_vision_layers = max(self.feature_layers)
         self.vision_tower = PixtralVisionModel(vcfg, self.num_vision_layers)
         self.multi_modal_projector = Mistral3MultiModalProjector(cfg, len(self.feature_layers))
-        self.language_model = text_model_class(tcfg)(tcfg, backend)
-        lm = self.language_model
-        self.num_layers, self.num_kv_heads, self.head_dim = lm.num_layers, lm.num_kv_heads, lm.head_dim
-        # the text model's q/k/v and gate/up fusions; the tower's projections share those names
-        self.stacked_params = lm.stacked_params
-        self.ignored_suffixes = lm.ignored_suffixes
+        # the text model's q/k/v and gate/up fusions: the tower's projections share those names
+        self.adopt_text_model(text_model_class(tcfg)(tcfg, backend))
         if not set(_TOWER_STACKED) <= set(self.stacked_params):
             raise ModelLoadError("Mistral 3: the language model must fuse q/k/v and gate/up as the tower does")
 
     # ---- the contract of the model runner ------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list, attn_metadata: Any,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        lm = self.language_model
-        if inputs_embeds is None:
-            return lm(input_ids, positions, kv_caches, attn_metadata)
-        return lm.model.decode_layers(positions, inputs_embeds, kv_caches, attn_metadata)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.language_model.compute_logits(hidden)
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.model.embed_tokens(input_ids)
-
     @torch.inference_mode()
     def embed_multimodal(self, item: Any) -> torch.Tensor:
         """One image's rows for the language model: [num_embeds, text hidden], merged windows in
@@ -107,30 +88,13 @@ class Mistral3ForConditionalGeneration(CausalLM):
         return self.multi_modal_projector(feats, rows, cols)
 
     # ---- weights ---------------------------------------------------------------------------------
-    @property
-    def model(self) -> nn.Module:
-        """The text model's decoder stack, which the native CPU decode loop and --compile take over
-        on decode-only steps (they look for ``model.model``). A property, not a submodule: parameter
-        names stay ``language_model.model.*``."""
-        return self.language_model.model
-
-    @property
-    def lm_head(self) -> nn.Module:
-        return self.language_model.lm_head
-
     def map_weight_name(self, name: str) -> str | None:
-        if name.startswith("model."):
-            name = name[len("model."):]
-            if name.startswith("language_model."):
-                name = "language_model.model." + name[len("language_model."):]
-        if name.startswith("lm_head."):
-            name = "language_model." + name
+        name = self.common_layout(name)
         if name.startswith("vision_tower."):
             inner = map_pixtral_name(name[len("vision_tower."):], self.num_vision_layers)
             return None if inner is None else "vision_tower." + inner
         if name.startswith("language_model."):
-            inner = self.language_model.map_weight_name(name[len("language_model."):])
-            return None if inner is None else "language_model." + inner
+            return self.map_text_name(name)
         return name
 
 

@@ -16,12 +16,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 from mistralpy.attention.backend import AttentionBackend
 from mistralpy.layers.mrope import get_mrope, mrope_section_from_config
 from mistralpy.layers.rotary import rope_params_from_config
-from mistralpy.models.base import CausalLM
+from mistralpy.models.vlm import VisionLanguageModel
 from mistralpy.models.qwen2 import Qwen2ForCausalLM, Qwen2Model
 from mistralpy.multimodal.encoders.qwen2_vl_vision import Qwen2_5_VisionTransformer, Qwen2VisionTransformer
 
@@ -52,11 +51,9 @@ def text_config(cfg: dict[str, Any]) -> dict[str, Any]:
     return tcfg
 
 
-class Qwen2VLForConditionalGeneration(CausalLM):
-    multimodal = True    # built from the whole config (loading/model_loader.py)
+class Qwen2VLForConditionalGeneration(VisionLanguageModel):
     uses_mrope = True    # the runner builds ForwardBatch.mrope_positions for it
     isq_skip_prefixes = ("visual.",)
-    lm_head_prefix = "language_model.lm_head."
     vision_cls: type[Qwen2VisionTransformer] = Qwen2VisionTransformer
     ignored_suffixes = ("rotary_emb.inv_freq", "rotary_pos_emb.inv_freq")
 
@@ -79,12 +76,6 @@ class Qwen2VLForConditionalGeneration(CausalLM):
         rope_positions = mrope_positions if mrope_positions is not None else positions
         return model.decode_layers(rope_positions, inputs_embeds, kv_caches, attn_metadata)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.language_model.compute_logits(hidden)
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.language_model.model.embed_tokens(input_ids)
-
     @torch.inference_mode()
     def embed_multimodal(self, item: Any) -> torch.Tensor:
         """One image's or video's rows for the language model: [num_embeds, text hidden]."""
@@ -96,10 +87,6 @@ class Qwen2VLForConditionalGeneration(CausalLM):
         return self.visual(pixels.to(device), torch.as_tensor(grid))
 
     # ---- weights ---------------------------------------------------------------------------------
-    @property
-    def lm_head(self) -> nn.Module:
-        return self.language_model.lm_head
-
     def map_weight_name(self, name: str) -> str | None:
         if name.startswith("model.visual."):
             return name[len("model."):]
