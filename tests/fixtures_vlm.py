@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -377,3 +378,32 @@ def build_qwen3_vl(out_dir: Path, tokenizer_dir: Path, moe: bool = False, seed: 
     Qwen2VLImageProcessorPil(min_pixels=64 * 64, max_pixels=32 * 32 * 20, patch_size=16, temporal_patch_size=2,
                              merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(out_dir)
     return out_dir
+
+
+# ---- comparing with transformers (the Qwen-VL tests) ---------------------------------------------
+
+def qwen_hf_pixels(path, images: list[Any]) -> dict[str, torch.Tensor]:
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    out = Qwen2VLImageProcessorPil.from_pretrained(path)(images, return_tensors="pt")
+    return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+
+
+def qwen_hf_kwargs(eng: Any, path, ids: list[int], images: list[Any]) -> dict:
+    if not images:
+        return {}
+    image_id = eng.tokenizer.token_to_id("<|image_pad|>")
+    mm = (torch.tensor([ids]) == image_id).int()   # 1 marks image tokens (transformers' mm_token_type_ids)
+    return {**qwen_hf_pixels(path, images), "mm_token_type_ids": mm}
+
+
+def qwen_hf_generate(hf: Any, ids: list[int], kwargs: dict, n: int = 20) -> tuple[list[int], list[torch.Tensor]]:
+    out = hf.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+                      pad_token_id=0, output_scores=True, return_dict_in_generate=True, **kwargs)
+    return out.sequences[0, len(ids):].tolist(), [torch.log_softmax(s[0].double(), -1) for s in out.scores]
+
+
+def assert_same_as_hf(ours: Any, hf_tokens: list[int], hf_logprobs: list[torch.Tensor]) -> None:
+    assert ours.token_ids == hf_tokens
+    diffs = [abs(e.logprob - lp[t].item()) for e, lp, t in zip(ours.logprobs, hf_logprobs, hf_tokens)]
+    assert max(diffs) < 1e-4, diffs

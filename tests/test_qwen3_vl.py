@@ -9,7 +9,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from fixtures_vlm import assert_same_as_hf as _assert_same_as_hf
 from fixtures_vlm import build_qwen3_vl
+from fixtures_vlm import qwen_hf_generate as _hf_generate
+from fixtures_vlm import qwen_hf_kwargs as _hf_kwargs
+from fixtures_vlm import qwen_hf_pixels as _hf_pixels
 from PIL import Image
 
 from mistralpy import Engine, SamplingParams
@@ -57,35 +61,10 @@ def engine(ckpt):
         yield eng
 
 
-def _hf_pixels(path, images: list[Image.Image]) -> dict[str, torch.Tensor]:
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    out = Qwen2VLImageProcessorPil.from_pretrained(path)(images, return_tensors="pt")
-    return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
-
-
 def _expanded(eng: Engine, prompt) -> list[int]:
     return eng._prepare(prompt, GREEDY)[1][0].prompt_token_ids
 
 
-def _hf_kwargs(eng: Engine, path, ids: list[int], images: list[Image.Image]) -> dict:
-    if not images:
-        return {}
-    image_id = eng.tokenizer.token_to_id("<|image_pad|>")
-    mm = (torch.tensor([ids]) == image_id).int()   # 1 marks image tokens (transformers' mm_token_type_ids)
-    return {**_hf_pixels(path, images), "mm_token_type_ids": mm}
-
-
-def _hf_generate(hf, ids: list[int], kwargs: dict, n: int = N_TOKENS) -> tuple[list[int], list[torch.Tensor]]:
-    out = hf.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
-                      pad_token_id=0, output_scores=True, return_dict_in_generate=True, **kwargs)
-    return out.sequences[0, len(ids):].tolist(), [torch.log_softmax(s[0].double(), -1) for s in out.scores]
-
-
-def _assert_same_as_hf(ours, hf_tokens: list[int], hf_logprobs: list[torch.Tensor]) -> None:
-    assert ours.token_ids == hf_tokens
-    diffs = [abs(e.logprob - lp[t].item()) for e, lp, t in zip(ours.logprobs, hf_logprobs, hf_tokens)]
-    assert max(diffs) < 1e-4, diffs
 
 
 # ---- pieces ------------------------------------------------------------------------------------------
