@@ -333,7 +333,9 @@ def test_qwen3_video_placeholder_covers_timestamps(our_tok):
     ids = proc.expand(our_tok.encode(f"a {VID} b"), [item])
     ph = item.placeholder
     text = our_tok.decode(ids[ph.offset:ph.offset + ph.length], skip_special_tokens=False)
-    assert text.startswith("<0.2 seconds><|vision_start|><|video_pad|>") and text.endswith("<|vision_end|>")
+    # the text before the first timestamp is tokenized with it (as transformers >= 5.25 does), so
+    # the run starts there
+    assert text.startswith("a <0.2 seconds><|vision_start|><|video_pad|>") and text.endswith("<|vision_end|>")
     assert "<1.2 seconds>" in text and ph.num_embeds == item.num_embeds
     assert item.extra["timestamps"] == [0.25, 1.25]
 

@@ -357,6 +357,29 @@ class Qwen2VLProcessor(MultimodalProcessor):
             mask += [False] * (len(text) + 1) + [True] * per_frame + [False]
         return ids, tuple(mask)
 
+    def _first_stamp(self, item: MMItem) -> str:
+        gt = int(item.inputs["video_grid_thw"][0, 0])
+        stamps = item.extra.get("timestamps") or self._timestamps(
+            int(item.extra.get("num_frames", gt * self.video_settings.temporal_patch_size)),
+            float(item.extra.get("fps", _DEFAULT_FPS)), self.video_settings.temporal_patch_size)
+        return f"<{stamps[0]:.1f} seconds>"
+
+    def _text_run_start(self, out: list[int]) -> int:
+        """Index where the plain text at the end of ``out`` begins (after its last added token)."""
+        added = self._added_ids()
+        k = len(out)
+        while k > 0 and out[k - 1] not in added:
+            k -= 1
+        return k
+
+    def _added_ids(self) -> set[int]:
+        if not hasattr(self, "_added"):
+            backend = getattr(self.tokenizer, "backend", None)
+            decoder = backend.get_added_tokens_decoder() if backend is not None else {}
+            self._added = set(decoder) | {self.vision_start_token_id, self.vision_end_token_id,
+                                          self.image_token_id, self.video_token_id}
+        return self._added
+
     def expand(self, token_ids: list[int], items: list[MMItem]) -> list[int]:
         images = [it for it in items if it.modality == "image"]
         videos = [it for it in items if it.modality == "video"]
@@ -369,7 +392,11 @@ class Qwen2VLProcessor(MultimodalProcessor):
                              f"{len(videos)} video(s) were given", "videos")
         out: list[int] = []
         img_iter, vid_iter = iter(images), iter(videos)
-        for tid in token_ids:
+        skip_next = False
+        for k, tid in enumerate(token_ids):
+            if skip_next:
+                skip_next = False
+                continue
             if tid == self.image_token_id:
                 item = next(img_iter)
                 item.placeholder = PlaceholderRange(len(out), item.num_embeds)
@@ -377,6 +404,22 @@ class Qwen2VLProcessor(MultimodalProcessor):
             elif tid == self.video_token_id:
                 item = next(vid_iter)
                 ids, mask = self._video_tokens(item)
+                if (self.version == "qwen3_vl" and out and out[-1] == self.vision_start_token_id
+                        and k + 1 < len(token_ids) and token_ids[k + 1] == self.vision_end_token_id):
+                    # every frame brings its own <|vision_start|> ... <|vision_end|>: the template's
+                    # outer pair goes (transformers >= 5.25; 5.24 kept a redundant extra pair)
+                    out.pop()
+                    skip_next = True
+                    # the first "<t seconds>" now touches the text before it, which transformers
+                    # tokenizes as one piece: re-encode that text together with it
+                    start = self._text_run_start(out)
+                    stamp_len = len(self.tokenizer.encode(self._first_stamp(item), add_special_tokens=False))
+                    merged = self.tokenizer.encode(
+                        self.tokenizer.decode(out[start:], skip_special_tokens=False) + self._first_stamp(item),
+                        add_special_tokens=False)
+                    ids = merged + ids[stamp_len:]
+                    mask = (False,) * len(merged) + tuple(mask[stamp_len:])
+                    del out[start:]
                 item.placeholder = PlaceholderRange(len(out), len(ids), mask)
                 out += ids
             else:
