@@ -111,13 +111,13 @@ class MediaInput:
     def _video(self, source: Any) -> MMItem:
         """A file / URL / bytes is decoded and sampled (multimodal/video_io.py); a list of frames is
         taken as already sampled (fps 2, the processors' default)."""
-        from mistralpy.multimodal.image_io import image_bytes, load_image
+        from mistralpy.multimodal.image_io import load_image
         from mistralpy.multimodal.video_io import decode_video
 
         if isinstance(source, (list, tuple)):
-            frames = [load_image(f, self.policy)[0] for f in source]
-            key = content_hash(*[image_bytes(f) for f in frames])
-            return self.processor.process_video(frames, 2.0, key)
+            loaded = [load_image(f, self.policy) for f in source]   # (frame, the bytes to hash)
+            key = content_hash(*[raw for _, raw in loaded])
+            return self.processor.process_video([frame for frame, _ in loaded], 2.0, key)
         raw = source if isinstance(source, (bytes, bytearray)) else self._fetch(source)
         video = decode_video(bytes(raw), fps=2.0)
         return self.processor.process_video(video.frames, video.fps, content_hash(bytes(raw)))

@@ -21,6 +21,23 @@ def _hw(size: dict[str, int] | int | None, default: int) -> dict[str, int]:
     return dict(size)
 
 
+def read_clip_settings(proc: MultimodalProcessor, pp: dict[str, Any], vc: dict[str, Any]) -> None:
+    """The CLIP-processor switches and constants LLaVA and LLaVA-NeXT share (transformers' defaults)."""
+    proc.do_resize = pp.get("do_resize", True)
+    proc.do_center_crop = pp.get("do_center_crop", True)
+    proc.resample = int(pp.get("resample", 3))
+    proc.rescale_factor = float(pp.get("rescale_factor", 1 / 255))
+    proc.mean = tuple(pp.get("image_mean", image_ops.OPENAI_CLIP_MEAN))
+    proc.std = tuple(pp.get("image_std", image_ops.OPENAI_CLIP_STD))
+    proc.patch = int(vc.get("patch_size", 14))
+
+
+def config_image_token_id(hf_config: dict[str, Any], tokenizer: Any, placeholder: str) -> int:
+    """The image token: the config's ``image_token_id`` / ``image_token_index``, else the tokenizer's."""
+    token_id = hf_config.get("image_token_id", hf_config.get("image_token_index"))
+    return int(token_id if token_id is not None else tokenizer.token_to_id(placeholder))
+
+
 @register_processor("LlavaForConditionalGeneration")
 class LlavaProcessor(MultimodalProcessor):
     image_placeholder = "<image>"
@@ -33,19 +50,10 @@ class LlavaProcessor(MultimodalProcessor):
         self.size = _hw(pp.get("size"), image_size)
         crop = pp.get("crop_size") or {"height": image_size, "width": image_size}
         self.crop = (crop["height"], crop["width"]) if isinstance(crop, dict) else (int(crop), int(crop))
-        self.do_resize = pp.get("do_resize", True)
-        self.do_center_crop = pp.get("do_center_crop", True)
         self.do_pad = pp.get("do_pad", False)
-        self.resample = int(pp.get("resample", 3))
-        self.rescale_factor = float(pp.get("rescale_factor", 1 / 255))
-        self.mean = tuple(pp.get("image_mean", image_ops.OPENAI_CLIP_MEAN))
-        self.std = tuple(pp.get("image_std", image_ops.OPENAI_CLIP_STD))
-        self.patch = int(vc.get("patch_size", 14))
+        read_clip_settings(self, pp, vc)
         self.strategy = hf_config.get("vision_feature_select_strategy", "default")
-        token_id = hf_config.get("image_token_id", hf_config.get("image_token_index"))
-        if token_id is None:
-            token_id = tokenizer.token_to_id(self.image_placeholder)
-        self.image_token_id = int(token_id)
+        self.image_token_id = config_image_token_id(hf_config, tokenizer, self.image_placeholder)
 
     def _settings(self) -> tuple:
         return ("llava", tuple(sorted(self.size.items())), self.crop, self.do_resize, self.do_center_crop,

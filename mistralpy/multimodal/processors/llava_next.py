@@ -19,7 +19,7 @@ from PIL import Image
 from mistralpy.multimodal.inputs import MMItem, content_hash
 from mistralpy.multimodal.processors import image_ops
 from mistralpy.multimodal.processors.base import MultimodalProcessor, register_processor
-from mistralpy.multimodal.processors.llava import expand_repeated
+from mistralpy.multimodal.processors.llava import config_image_token_id, expand_repeated, read_clip_settings
 
 DEFAULT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
@@ -97,20 +97,11 @@ class LlavaNextProcessor(MultimodalProcessor):
         self.crop_side = self.crop[0]
         self.pinpoints = [list(map(int, p)) for p in (pp.get("image_grid_pinpoints")
                                                        or hf_config.get("image_grid_pinpoints") or DEFAULT_PINPOINTS)]
-        self.do_resize = pp.get("do_resize", True)
-        self.do_center_crop = pp.get("do_center_crop", True)
-        self.resample = int(pp.get("resample", 3))
-        self.rescale_factor = float(pp.get("rescale_factor", 1 / 255))
-        self.mean = tuple(pp.get("image_mean", image_ops.OPENAI_CLIP_MEAN))
-        self.std = tuple(pp.get("image_std", image_ops.OPENAI_CLIP_STD))
-        self.patch = int(vc.get("patch_size", 14))
+        read_clip_settings(self, pp, vc)
         # CLIP has a CLS position: "default" drops it, "full" keeps it (the processor's
         # num_additional_image_tokens=1 and the -1 for "default" cancel out)
         self.extra = 0 if hf_config.get("vision_feature_select_strategy", "default") == "default" else 1
-        token_id = hf_config.get("image_token_id", hf_config.get("image_token_index"))
-        if token_id is None:
-            token_id = tokenizer.token_to_id(self.image_placeholder)
-        self.image_token_id = int(token_id)
+        self.image_token_id = config_image_token_id(hf_config, tokenizer, self.image_placeholder)
 
     def _settings(self) -> tuple:
         return ("llava_next", tuple(sorted(self.size.items())), self.crop, tuple(map(tuple, self.pinpoints)),
