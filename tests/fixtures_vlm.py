@@ -9,6 +9,16 @@ from typing import Any
 
 import torch
 
+
+def random_image(w: int, h: int, seed: int, mode: str = "RGB") -> Any:
+    """A w x h image of uniform random RGB pixels (seeded), converted to ``mode``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+
+
 VLM_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"

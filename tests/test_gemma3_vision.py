@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from fixtures_vlm import build_gemma3_vlm
+from fixtures_vlm import random_image as _image
 from PIL import Image
 
 from mistralpy import Engine, SamplingParams
@@ -24,10 +24,6 @@ from mistralpy import Engine, SamplingParams
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 TOP = SamplingParams(temperature=0, max_tokens=1, top_logprobs=20)
 TOKENS = 16   # soft tokens per image: (64 / 8)^2 patches pooled 2x2
-
-
-def _image(w: int, h: int, seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
 IMAGES = {"a": lambda: _image(100, 80, seed=1), "b": lambda: _image(30, 45, seed=2), "c": lambda: _image(64, 64, seed=3)}

@@ -9,17 +9,13 @@ import numpy as np
 import pytest
 import torch
 from fixtures_vlm import build_llava
+from fixtures_vlm import random_image as _image
 from PIL import Image
 
 from mistralpy import Engine, SamplingParams
 from mistralpy.multimodal.inputs import MediaError
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-
-
-def _image(w: int, h: int, seed: int, mode: str = "RGB") -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +47,10 @@ def _hf_greedy(hf, ids: list[int], pixels: torch.Tensor | None, n: int) -> list[
 @pytest.mark.parametrize("size,mode", [((1, 1), "RGB"), ((37, 500), "RGB"), ((500, 37), "RGBA"), ((64, 64), "P"),
                                        ((4000, 30), "L")])
 def test_pixels_equal_the_pil_processor(llava, hf_processor, size, mode):
+    import json
+
     from mistralpy.multimodal.processors.llava import LlavaProcessor
     from mistralpy.tokenizer.tokenizer import Tokenizer
-    import json
 
     img = _image(*size, seed=size[0], mode=mode)
     if mode == "RGBA":

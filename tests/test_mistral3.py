@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from fixtures_vlm import build_mistral3
+from fixtures_vlm import random_image as _image
 from PIL import Image
 
 import mistralpy.models.registry
@@ -26,11 +27,6 @@ PROMPT = "Look: [IMG] what is it? Say more words here."
 def _registered(monkeypatch):
     monkeypatch.setitem(mistralpy.models.registry._REGISTRY, "Mistral3ForConditionalGeneration",
                         ("mistral3", "Mistral3ForConditionalGeneration"))
-
-
-def _image(w: int, h: int, seed: int, mode: str = "RGB") -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from fixtures_vlm import build_qwen2_vl
 from fixtures_vlm import qwen_hf_generate as _hf_generate
 from fixtures_vlm import qwen_hf_kwargs as _hf_kwargs
 from fixtures_vlm import qwen_hf_pixels as _hf_pixels
+from fixtures_vlm import random_image as _image
 from PIL import Image
 
 from mistralpy import Engine, SamplingParams
@@ -27,11 +28,6 @@ VERSIONS = ("qwen2_vl", "qwen2_5_vl")
 PH = "<|vision_start|><|image_pad|><|vision_end|>"
 N_TOKENS = 20
 GREEDY = SamplingParams(temperature=0, max_tokens=N_TOKENS, ignore_eos=True, logprobs=True)
-
-
-def _image(w: int, h: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
 # 140x100 -> 8x10 patches, 20 merged tokens (several 2.5 windows); 60x90 -> 6x4 patches, 6 tokens
@@ -59,8 +55,6 @@ def engine(ckpt):
 
 def _expanded(eng: Engine, prompt) -> list[int]:
     return eng._prepare(prompt, GREEDY)[1][0].prompt_token_ids
-
-
 
 
 # ---- pieces ------------------------------------------------------------------------------------------
@@ -150,7 +144,6 @@ def test_batched_chunked_and_prefix_cached(ckpt):
             assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, b.logprobs)) < 1e-5
         again = eng.generate(prompts[0], GREEDY)[0]
         assert again.num_cached_tokens > 0 and again.outputs[0].token_ids == solo[0].token_ids
-
 
 
 def test_request_rope_positions_span_prompt_and_output():

@@ -14,6 +14,7 @@ from fixtures_vlm import build_qwen3_vl
 from fixtures_vlm import qwen_hf_generate as _hf_generate
 from fixtures_vlm import qwen_hf_kwargs as _hf_kwargs
 from fixtures_vlm import qwen_hf_pixels as _hf_pixels
+from fixtures_vlm import random_image as _image
 from PIL import Image
 
 from mistralpy import Engine, SamplingParams
@@ -25,11 +26,6 @@ ARCHS = {"Qwen3VLForConditionalGeneration": ("qwen3_vl", "Qwen3VLForConditionalG
 PH = "<|vision_start|><|image_pad|><|vision_end|>"
 N_TOKENS = 20
 GREEDY = SamplingParams(temperature=0, max_tokens=N_TOKENS, ignore_eos=True, logprobs=True)
-
-
-def _image(w: int, h: int, seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
 # 140x100 -> 96x128 px, 6x8 patches, 12 merged tokens; 60x90 -> 96x64 px, 6x4 patches, 6 tokens
@@ -63,8 +59,6 @@ def engine(ckpt):
 
 def _expanded(eng: Engine, prompt) -> list[int]:
     return eng._prepare(prompt, GREEDY)[1][0].prompt_token_ids
-
-
 
 
 # ---- pieces ------------------------------------------------------------------------------------------

@@ -4,10 +4,10 @@ the global image) and two images (plus a 1x2 grid); alone, batched with text-onl
 requests, with chunked prefill cutting through the image runs, after a prefix-cache hit."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from fixtures_vlm import build_idefics3, hf_idefics3_processor
+from fixtures_vlm import random_image as _image
 from PIL import Image
 
 from mistralpy import Engine, SamplingParams
@@ -15,10 +15,6 @@ from mistralpy import Engine, SamplingParams
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 TOP = SamplingParams(temperature=0, max_tokens=1, top_logprobs=20)
 SEQ_LEN = 16   # rows per tile: (64 / 8)^2 patches / 2^2
-
-
-def _image(w: int, h: int, seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
 _BUILT: dict[str, tuple] = {}
