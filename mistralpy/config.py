@@ -84,6 +84,7 @@ class ModelConfig:
     gguf_readers: list[Any] | None = None
     isq: Any = None  # a GGMLQuantizationType: quantize linear weights to it while loading
     topology: Any = None  # quant.topology.Topology: per-layer ISQ types
+    isq_vision: bool = False  # ISQ also quantizes vision towers and projectors (kept float by default)
     progress: Any = None  # loading.model_loader.ProgressFn: told as each tensor loads
 
     @property

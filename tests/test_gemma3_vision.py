@@ -1,12 +1,12 @@
 """Gemma 3 as a vision-language model on the paged engine against transformers (float32).
 
-Default (causal attention everywhere) against transformers called without ``token_type_ids``
-(its mask is then causal): the expanded prompt equals transformers' processor's, last-position
-logits and greedy tokens with one and two images; alone, batched with text-only and other-image
-requests, with chunked prefill cutting through the image runs, after a prefix-cache hit.
-``MISTRALPY_GEMMA3_IMAGE_ATTENTION=bidirectional`` against transformers with ``token_type_ids``
-(bidirectional soft-token runs, through a local layer whose window is shorter than a run), with
-each image in one prefill step. A config without ``vision_config`` loads the text part only.
+Default (bidirectional soft-token runs, through a local layer whose window is shorter than a run)
+against transformers with ``token_type_ids``, as its processor returns them: the expanded prompt
+equals transformers' processor's, last-position logits and greedy tokens with one and two images;
+alone, batched with text-only and other-image requests, with a step budget smaller than an image
+(the scheduler keeps each image in one step), after a prefix-cache hit that ends inside an image.
+``MISTRALPY_GEMMA3_IMAGE_ATTENTION=causal`` against transformers without ``token_type_ids``, with
+chunks cutting through the images. A config without ``vision_config`` loads the text part only.
 """
 from __future__ import annotations
 
@@ -84,19 +84,27 @@ def test_logits_and_greedy_match_transformers(gemma, n_images):
     path, hf, proc = gemma
     with Engine(str(path), dtype="f32", num_kv_blocks=64, max_model_len=512) as eng:
         assert eng.core.runner.model.vision_tower is not None
-        _match(eng, hf, proc, n_images, bidirectional=False)
+        _match(eng, hf, proc, n_images, bidirectional=True)
 
 
-def test_batched_chunked_and_prefix_cached(gemma):
-    """A 7-token step budget cuts every 16-token soft run; a mixed batch gives each request its solo
-    tokens (the first equal to transformers'); a repeat is a prefix-cache hit with the same tokens."""
+@pytest.mark.parametrize("mode", ["bidirectional", "causal"])
+def test_batched_chunked_and_prefix_cached(gemma, mode, monkeypatch):
+    """A 7-token step budget: bidirectional runs keep each 16-token image in one step (overshooting
+    the budget), causal ones are cut; either way a mixed batch gives each request its solo tokens
+    (the first equal to transformers' in that mode); a repeat is a prefix-cache hit with the same
+    tokens."""
+    from mistralpy.models.gemma3_vision import IMAGE_ATTENTION_ENV
+
+    monkeypatch.setenv(IMAGE_ATTENTION_ENV, mode)
+    bidirectional = mode == "bidirectional"
     path, hf, proc = gemma
     a, b, c = (IMAGES[k]() for k in "abc")
     prompts = [{"prompt": PROMPTS[1], "images": [a]}, "plain text prompt with no image at all",
                {"prompt": PROMPTS[2], "images": [b, c]}]
     with Engine(str(path), dtype="f32", num_kv_blocks=128, max_model_len=512, max_num_batched_tokens=7) as eng:
         solo = [eng.generate(p, GREEDY)[0].outputs[0].token_ids for p in prompts]
-        assert solo[0] == _hf_greedy(hf, _hf_inputs(proc, PROMPTS[1], [a], False), GREEDY.max_tokens)
+        assert solo[0] == _hf_greedy(hf, _hf_inputs(proc, PROMPTS[1], [a], bidirectional), GREEDY.max_tokens)
+        assert solo[2] == _hf_greedy(hf, _hf_inputs(proc, PROMPTS[2], [b, c], bidirectional), GREEDY.max_tokens)
         lp = [eng.generate(p, SamplingParams(temperature=0, max_tokens=1, logprobs=True))[0].outputs[0].logprobs[0]
               for p in (prompts[0], {"prompt": PROMPTS[1], "images": [c]})]
         assert lp[0].logprob != lp[1].logprob   # the image matters
@@ -106,10 +114,10 @@ def test_batched_chunked_and_prefix_cached(gemma):
         assert again.outputs[0].token_ids == solo[2] and again.num_cached_tokens > 0
 
 
-def test_bidirectional_image_runs_opt_in(gemma, monkeypatch):
-    """Opt-in bidirectional soft-token runs equal transformers with token_type_ids when each image
-    is computed in one step (here the default 512-token budget), including after a prefix-cache
-    hit that ends inside an image's run (the 16-token blocks split the second image)."""
+def test_bidirectional_differs_from_causal_and_survives_prefix_hits(gemma, monkeypatch):
+    """The two masks give different logits (so the mode is tested); causal (opt-out) equals
+    transformers without token_type_ids; bidirectional equals it with them after a prefix-cache hit
+    that ends inside an image's run (the 16-token blocks split the second image)."""
     from mistralpy.models.gemma3_vision import IMAGE_ATTENTION_ENV
 
     path, hf, proc = gemma
@@ -118,10 +126,12 @@ def test_bidirectional_image_runs_opt_in(gemma, monkeypatch):
         causal = hf(**_hf_inputs(proc, PROMPTS[2], imgs, False)).logits[0, -1]
         bidir = hf(**_hf_inputs(proc, PROMPTS[2], imgs, True)).logits[0, -1]
     assert (causal - bidir).abs().max().item() > 1e-3
-    monkeypatch.setenv(IMAGE_ATTENTION_ENV, "bidirectional")
+    monkeypatch.setenv(IMAGE_ATTENTION_ENV, "causal")
     with Engine(str(path), dtype="f32", num_kv_blocks=64, max_model_len=512) as eng:
         for n in (1, 2):
-            _match(eng, hf, proc, n, bidirectional=True)
+            _match(eng, hf, proc, n, bidirectional=False)
+    monkeypatch.delenv(IMAGE_ATTENTION_ENV)
+    with Engine(str(path), dtype="f32", num_kv_blocks=64, max_model_len=512) as eng:
         # ends just after the second image: the repeat's cached blocks end inside its soft run
         tail = "Compare <start_of_image> with <start_of_image>"
         prompt = {"prompt": tail, "images": imgs}

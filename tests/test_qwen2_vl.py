@@ -246,6 +246,25 @@ def test_isq_keeps_the_tower_float_and_fast_decode_paths_decline(ckpt):
         assert len(out.token_ids) == N_TOKENS
 
 
+def test_isq_vision_quantizes_the_tower_too(ckpt):
+    """``isq_vision``: the tower's linears whose widths fit Q8_0 blocks are quantized too; the answer
+    stays close to the float tower's (Q8_0) and still depends on the image."""
+    from mistralpy.layers.linear import Linear
+
+    prompt = {"prompt": f"Describe {PH} briefly.", "images": [IMAGES[1]]}
+    one = SamplingParams(temperature=0, max_tokens=1, logprobs=True)
+    with Engine(str(ckpt[1]), dtype="f32", isq="q8_0", num_kv_blocks=32, max_model_len=128) as eng:
+        float_tower = eng.generate(prompt, one)[0].outputs[0].logprobs[0]
+    with Engine(str(ckpt[1]), dtype="f32", isq="q8_0", isq_vision=True, num_kv_blocks=32, max_model_len=128) as eng:
+        tower = [m for m in eng.core.runner.model.visual.modules() if isinstance(m, Linear)]
+        quantized = [m for m in tower if m.qkernel is not None]
+        assert quantized and len(quantized) >= len(tower) - 1   # the patch embedding's width may not fit
+        out = eng.generate(prompt, one)[0].outputs[0].logprobs[0]
+        other = eng.generate({**prompt, "images": [IMAGES[0]]}, one)[0].outputs[0].logprobs[0]
+    assert out.token_id == float_tower.token_id and abs(out.logprob - float_tower.logprob) < 0.05
+    assert other.logprob != out.logprob
+
+
 # ---- video (the model side: items built by our processor, fed through Engine._prepare) ---------------
 
 def test_video_matches_transformers(ckpt, engine):

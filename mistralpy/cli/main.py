@@ -34,6 +34,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     g.add_argument("--isq", help="quantize while loading: Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2K Q3K Q4K Q5K Q6K Q8K IQ4_NL "
                                  "IQ4_XS HQQ4 HQQ8 FP8, or bits 2/3/4/5/6/8 (-> Q2K..Q6K, Q8_0)")
+    g.add_argument("--isq-vision", action="store_true",
+                   help="vision models: --isq quantizes the vision tower and projector too (default: float)")
     g.add_argument("--topology", help="YAML file of per-layer ISQ types: layer ranges 'A-B' or /regex/ over "
                                       "layer names -> {isq: TYPE | none}")
     e = p.add_argument_group("engine")
@@ -77,7 +79,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 enable_chunked_prefill=not args.no_chunked_prefill, revision=args.revision,
                 token_source=args.token_source, tokenizer=args.tokenizer, chat_template=args.chat_template,
                 arch=args.arch, seed=args.seed, gguf_file=args.gguf_file, mmproj=args.mmproj,
-                isq=args.isq, topology=args.topology, compile=args.compile, tool_parser=args.tool_parser,
+                isq=args.isq, isq_vision=args.isq_vision, topology=args.topology, compile=args.compile, tool_parser=args.tool_parser,
                 reasoning_parser=args.reasoning_parser, max_num_images=args.max_num_images,
                 max_edge=args.max_edge)
 

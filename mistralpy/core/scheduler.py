@@ -43,10 +43,14 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, encoder_cache: Any = None) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, encoder_cache: Any = None,
+                 keep_media_whole: bool = False) -> None:
         self.config = config
         self.kv = kv
         self.encoder_cache = encoder_cache   # multimodal.encoder_cache.EncoderCache, for media models
+        # a model whose media placeholders attend to each other (Gemma 3's bidirectional image runs)
+        # needs each item's placeholders computed in one step: chunks never end inside one
+        self.keep_media_whole = keep_media_whole
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -113,6 +117,25 @@ class Scheduler:
             return 0
         return num_new
 
+    def _whole_media(self, req: Request, num_new: int, budget: int) -> int:
+        """num_new, moved so that the chunk does not end inside a media item (``keep_media_whole``):
+        cut before the item, or, when the chunk starts at (or inside) it, stretched to its end if
+        that fits ``budget`` or could never fit a step (then it overshoots the budget). 0: wait."""
+        if not self.keep_media_whole or not req.mm_items:
+            return num_new
+        start = req.num_computed_tokens
+        end = start + num_new
+        for item in req.mm_items:
+            lo = item.placeholder.offset
+            hi = lo + item.placeholder.length
+            if not lo < end < hi:
+                continue
+            if lo > start:
+                return lo - start
+            need = hi - start
+            return need if need <= budget or need > self.config.max_num_batched_tokens else 0
+        return num_new
+
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
@@ -123,6 +146,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             num_new = self._fit_media(req, min(req.num_tokens - req.num_computed_tokens, budget), enc, True)
+            num_new = self._whole_media(req, num_new, budget)
             if num_new <= 0:
                 i += 1
                 continue
@@ -152,7 +176,7 @@ class Scheduler:
                 num_new = remaining  # a prompt longer than the budget still runs, alone
             else:
                 break
-            num_new = self._fit_media(req, num_new, enc, chunking)
+            num_new = self._whole_media(req, self._fit_media(req, num_new, enc, chunking), budget)
             if num_new <= 0:
                 break
             if not self.kv.allocate(req, num_new):

@@ -63,6 +63,7 @@ class EngineOptions:
     gguf_file: str | None = None  # a .gguf file inside `model` (a hub repo or folder), like `-f`
     isq: str | int | None = None  # in-situ quantization type (Q4K, Q8_0, ... or 2/3/4/5/6/8)
     topology: str | dict | None = None  # YAML file (or its dict): per-layer ISQ types
+    isq_vision: bool = False  # vision models: ISQ quantizes the tower and projector too
     # Tool-call / reasoning output formats (mistralpy.tools names); None: detected from the chat template.
     tool_parser: str | None = None
     reasoning_parser: str | None = None
@@ -223,7 +224,7 @@ def build_core(model: str, opts: EngineOptions) -> tuple[EngineCore, Tokenizer, 
     gguf_path = resolve_gguf(model, opts)
     if gguf_path is not None:
         model_config, tokenizer = build_gguf_model_config(gguf_path, opts, model)
-        model_config.isq, model_config.topology = isq, topology
+        model_config.isq, model_config.topology, model_config.isq_vision = isq, topology, opts.isq_vision
         return _core(model_config, opts, tokenizer), tokenizer, model_config
     model_dir = resolve_model_dir(model, revision=opts.revision, token_source=opts.token_source)
     hf_config = read_json(Path(model_dir) / "config.json")
@@ -242,7 +243,7 @@ def build_core(model: str, opts: EngineOptions) -> tuple[EngineCore, Tokenizer, 
     model_config = ModelConfig(path=Path(model_dir), hf_config=hf_config, architecture=arch, dtype=dtype,
                                max_model_len=derive_max_model_len(text_cfg, opts.max_model_len),
                                generation_config=gen_cfg, isq=isq,
-                               topology=topology)
+                               topology=topology, isq_vision=opts.isq_vision)
     if opts.tokenizer:
         tokenizer = _tokenizer_from_option(opts)
     else:

@@ -47,7 +47,8 @@ class EngineCore:
         self.tokenizer = tokenizer
         self.runner = ModelRunner(config)
         self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv, self.runner.encoder_cache)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.runner.encoder_cache,
+                                   keep_media_whole=getattr(self.runner.model, "keep_media_whole", False))
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
         self.structured = StructuredBackend(tokenizer, config.model.vocab_size, tokenizer.eos_token_ids)

@@ -25,10 +25,11 @@ from mistralpy.quant.topology import Topology
 log = logging.getLogger(__name__)
 
 
-def apply_isq(model: torch.nn.Module, qtype, topology: Topology | None = None) -> None:
+def apply_isq(model: torch.nn.Module, qtype, topology: Topology | None = None, vision: bool = False) -> None:
     """Mark every decoder linear layer (and an untied LM head) to quantize its weight on load:
-    the topology's choice for that layer, else `qtype`."""
-    skip = getattr(model, "isq_skip_prefixes", ())   # vision towers and projectors stay float
+    the topology's choice for that layer, else `qtype`. Vision towers and projectors stay float
+    (they are small and their errors reach every image row) unless `vision`."""
+    skip = () if vision else getattr(model, "isq_skip_prefixes", ())
     for name, module in model.named_modules():
         if skip and name.startswith(skip):
             continue
@@ -129,7 +130,7 @@ def load_model(model_config: ModelConfig, device: torch.device, backend: Attenti
     finally:
         torch.set_default_dtype(previous)
     if model_config.isq is not None or model_config.topology is not None:
-        apply_isq(model, model_config.isq, model_config.topology)
+        apply_isq(model, model_config.isq, model_config.topology, model_config.isq_vision)
     progress = progress or model_config.progress
     if model_config.gguf_files:
         readers = model_config.gguf_readers or open_readers(model_config.gguf_files)

@@ -6,18 +6,15 @@ multimodal/processors/gemma3.py) gives mm_tokens_per_image rows for its ``<image
 Image rows are not scaled by sqrt(hidden); text embeddings are (``embed_input_ids``).
 
 Attention among an image's soft tokens. transformers makes each run of soft tokens bidirectional
-during prefill when ``token_type_ids`` are passed (what its processor returns): OR(causal, same run)
-on global layers, AND(window, OR(causal, same run)) on local ones; decode steps are causal. Without
-``token_type_ids`` its mask is plain causal. Our paged attention backend masks causally by position
-(plus a window); bidirectional runs would need the whole run in one prefill step, and the scheduler
-cuts chunks anywhere (``max_num_batched_tokens``), so an image cut by a chunk boundary cannot see
-its later tokens: results would depend on the batch. Default here: causal (batch, chunk and
-prefix-cache invariant; equal to transformers called without ``token_type_ids``).
-``MISTRALPY_GEMMA3_IMAGE_ATTENTION=bidirectional`` opts into the runs (``ImageRunAttention``): the
-soft-token query rows of each prefill chunk are recomputed with the keys of their own run in that
-chunk visible, which equals transformers' ``token_type_ids`` mask whenever each image's run is
-computed in one step (no chunk boundary inside it; a prefix-cache hit may end inside a run whose
-cached part was so computed).
+during prefill when ``token_type_ids`` are passed (what its processor returns, and how the model was
+trained): OR(causal, same run) on global layers, AND(window, OR(causal, same run)) on local ones;
+decode steps are causal. Our paged attention backend masks causally by position (plus a window), so
+``ImageRunAttention`` recomputes the soft-token query rows of each prefill chunk with the keys of
+their own run in that chunk visible. That equals transformers whenever each image's run is computed
+in one step, which ``keep_media_whole`` asks of the scheduler (core/scheduler.py: a chunk never ends
+inside an image; a prefix-cache hit may end inside a run whose cached part was so computed).
+``MISTRALPY_GEMMA3_IMAGE_ATTENTION=causal`` opts out (plain causal masks: equal to transformers
+called without ``token_type_ids``; chunks may then cut images anywhere).
 
 A ``Gemma3ForConditionalGeneration`` config without ``vision_config`` builds the text part only
 (models/gemma3.py), as before this class existed.
@@ -47,7 +44,7 @@ VISION_DEFAULTS: dict[str, Any] = {"hidden_size": 768, "intermediate_size": 3072
                                    "num_attention_heads": 12, "image_size": 224, "patch_size": 16}
 TOP_DEFAULTS: dict[str, Any] = {"mm_tokens_per_image": 256, "boi_token_index": 255_999, "eoi_token_index": 256_000,
                                 "image_token_index": 262_144}
-IMAGE_ATTENTION_ENV = "MISTRALPY_GEMMA3_IMAGE_ATTENTION"   # "causal" (default) | "bidirectional"
+IMAGE_ATTENTION_ENV = "MISTRALPY_GEMMA3_IMAGE_ATTENTION"   # "bidirectional" (default) | "causal"
 
 
 class Gemma3MultiModalProjector(nn.Module):
@@ -69,7 +66,7 @@ class Gemma3MultiModalProjector(nn.Module):
 
 
 class ImageRunAttention:
-    """The text model's attention backend with bidirectional image runs (opt-in, see the module
+    """The text model's attention backend with bidirectional image runs (the default, see the module
     doc). ``runs`` is set by the model for one forward: (prefill seq of the metadata, first row, end
     row) of each run of two or more soft tokens in a prefill chunk. The inner backend attends as
     usual (and writes the cache); then those query rows are redone over the sequence's cached keys
@@ -147,14 +144,16 @@ class Gemma3ForConditionalGeneration(VisionLanguageModel):
         self.vision_tower = SiglipVisionTransformer(vcfg)
         self.multi_modal_projector = Gemma3MultiModalProjector(vcfg, tcfg["hidden_size"],
                                                                int(cfg["mm_tokens_per_image"]))
-        mode = os.environ.get(IMAGE_ATTENTION_ENV, "causal").strip().lower()
+        mode = os.environ.get(IMAGE_ATTENTION_ENV, "bidirectional").strip().lower()
         if mode not in ("causal", "bidirectional"):
-            log.warning("%s=%r: expected causal or bidirectional; using causal", IMAGE_ATTENTION_ENV, mode)
-        elif mode == "bidirectional" and not isinstance(backend, TorchRefBackend):
-            log.warning("%s=bidirectional needs the torch_ref attention backend (not %s); using causal",
-                        IMAGE_ATTENTION_ENV, getattr(backend, "name", type(backend).__name__))
+            log.warning("%s=%r: expected bidirectional or causal; using bidirectional", IMAGE_ATTENTION_ENV, mode)
+            mode = "bidirectional"
+        if mode == "bidirectional" and not isinstance(backend, TorchRefBackend):
+            log.warning("bidirectional image attention needs the torch_ref attention backend (not %s); "
+                        "using causal", getattr(backend, "name", type(backend).__name__))
             mode = "causal"
         self._runs = ImageRunAttention(backend) if mode == "bidirectional" else None
+        self.keep_media_whole = self._runs is not None
         self.adopt_text_model(Gemma3ForCausalLM(tcfg, self._runs or backend))
 
     @staticmethod
