@@ -92,6 +92,25 @@ def test_data_and_http_urls_answer_like_the_python_api(served, image_server):
     assert usage.prompt_tokens > 16  # the image's 16 placeholder tokens are counted
 
 
+def test_tokenize_counts_the_expanded_image_tokens(served, image_server):
+    """/tokenize with image parts returns the ids the model runs (placeholders expanded), the same
+    count as the chat answer's prompt_tokens; a bad image there is a 400 too."""
+    import httpx
+
+    client, _ = served
+    data_url = "data:image/png;base64," + base64.b64encode(_png(7)).decode()
+    parts = [{"type": "text", "text": "What is in the picture?"}, {"type": "image_url", "image_url": {"url": data_url}}]
+    base = str(client.base_url).removesuffix("/v1/")
+    toks = httpx.post(base + "/tokenize", json={"model": "vlm", "messages": [{"role": "user", "content": parts}]}).json()
+    text_only = httpx.post(base + "/tokenize", json={"model": "vlm", "messages": [
+        {"role": "user", "content": parts[:1]}]}).json()
+    assert toks["count"] == len(toks["tokens"]) == _ask(client, data_url).usage.prompt_tokens
+    assert toks["count"] >= text_only["count"] + 16   # the image's 16 placeholder rows
+    bad = [parts[0], {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]
+    r = httpx.post(base + "/tokenize", json={"model": "vlm", "messages": [{"role": "user", "content": bad}]})
+    assert r.status_code == 400 and "content[1]" in r.json()["error"]["param"]
+
+
 @pytest.mark.parametrize("url, match", [
     ("http://127.0.0.1:9/x.png", "not in the allowed"),        # not an allowed host, loopback
     ("http://169.254.169.254/latest/meta-data", "not in the allowed"),

@@ -173,9 +173,7 @@ class Engine:
         params = self.inputs.resolve_params(params)
         items: list = []
         if images:
-            if self.media is None:
-                raise MediaError(f"{self.model_name} does not take images", "images")
-            ids, items = self.media.items(ids, media_refs(images))
+            ids, items = self.expand_media(ids, images)
         # M-RoPE models (Qwen-VL): the prompt's (t, h, w) positions, once per request (text-only: sequential)
         mrope, delta = None, 0
         if items and hasattr(self.media.processor, "positions"):
@@ -190,6 +188,13 @@ class Engine:
             for req in reqs:
                 req.grammar = self.core.structured.matcher(key)
         return RequestTracker(rid, text, ids, params.n, params.logprobs), reqs
+
+    def expand_media(self, ids: list[int], images: Sequence[Any]) -> tuple[list[int], list]:
+        """The prompt ids with each media placeholder expanded as the model's processor does, and
+        the media items (decoded and preprocessed); a MediaError for a text-only model."""
+        if self.media is None:
+            raise MediaError(f"{self.model_name} does not take images", "images")
+        return self.media.items(ids, media_refs(images))
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:

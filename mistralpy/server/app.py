@@ -3,6 +3,7 @@ plus health, metrics, tokenizer and model unload/reload endpoints. ``create_app`
 engines; the caller shuts them down (``registry.shutdown()``)."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -16,7 +17,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from mistralpy.engine.async_engine import AsyncEngine
 from mistralpy.errors import MistralPyError
 from mistralpy.server import chat, completions
+from mistralpy.sampling_params import SamplingParams
 from mistralpy.server.errors import APIError, install_error_handlers
+from mistralpy.server.media import fetch_images
 from mistralpy.server.middleware import (
     ApiKeyMiddleware,
     BodySizeLimitMiddleware,
@@ -137,9 +140,13 @@ def _add_misc_routes(app: FastAPI, state: ServerState) -> None:
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "send exactly one of 'prompt' and 'messages'", "prompt")
         if body.messages is not None:
-            text = engine.engine.render_chat([m.model_dump(exclude_none=True) for m in body.messages],
-                                             add_generation_prompt=body.add_generation_prompt)
+            text, _, spec = engine.engine.prepare_chat([m.model_dump(exclude_none=True) for m in body.messages],
+                                                       SamplingParams(), add_generation_prompt=body.add_generation_prompt)
             tokens = await engine.tokenize(text, add_special_tokens=False)
+            if spec.images:   # counted as the model sees them: each placeholder expanded
+                opts = state.options
+                images = await fetch_images(spec.images, opts.media_policy(), opts.max_num_images)
+                tokens, _ = await asyncio.to_thread(engine.engine.expand_media, tokens, images)
         else:
             tokens = await engine.tokenize(body.prompt, add_special_tokens=body.add_special_tokens)
         return {"tokens": tokens, "count": len(tokens), "max_model_len": engine.max_total_tokens}
