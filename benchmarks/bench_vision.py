@@ -33,6 +33,11 @@ SHAPES = {
     # LLaVA 1.5's recipe on a small tower: CLIP ViT-B/16 at 224 px (196 image tokens), SmolLM2-135M.
     "llava-clip-b16-smollm2": ("llava", dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                                              num_attention_heads=12, image_size=224, patch_size=16), 224),
+    # SmolVLM-256M-Instruct: SigLIP-B/16 at 512 px tiles, pixel shuffle 4 (64 rows a tile), SmolLM2-135M.
+    # Images resized to a 512 px longest edge (one tile: no split, the global image only), so a
+    # 448x448 image is 64 image tokens; the published 2048 px setting gives 17 tiles.
+    "smolvlm-256m": ("smolvlm", dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                     num_attention_heads=12, image_size=512, patch_size=16), 512),
     "tiny": ("llava", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                            image_size=56, patch_size=14), 56),
 }
@@ -50,6 +55,8 @@ def build(shape: str, out: Path) -> Path:
     if (out / "config.json").exists():
         return out
     tok = train_tokenizer(out / "base_tok")
+    if family == "smolvlm":
+        return build_smolvlm(out, tok, vision, size)
     ids = vlm_tokenizer(tok, out, ["<image>"])
     text = dict(SMOLLM2_TEXT) if shape != "tiny" else dict(SMOLLM2_TEXT, num_hidden_layers=2, hidden_size=128,
                                                             intermediate_size=256, num_attention_heads=4,
@@ -60,6 +67,42 @@ def build(shape: str, out: Path) -> Path:
     transformers.LlavaForConditionalGeneration(cfg).to(torch.bfloat16).save_pretrained(out)
     LlavaImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(out)
     return out
+
+
+def build_smolvlm(out: Path, tok: Path, vision: dict, size: int) -> Path:
+    import transformers
+    from fixtures_vlm import IDEFICS3_TOKENS, smolvlm_hf_processor_patches, vlm_tokenizer
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+    from transformers.models.smolvlm.video_processing_smolvlm import SmolVLMVideoProcessor
+
+    ids = vlm_tokenizer(tok, out, IDEFICS3_TOKENS)
+    cfg = transformers.SmolVLMConfig(vision_config=vision, text_config=dict(SMOLLM2_TEXT, model_type="llama"),
+                                     scale_factor=4, image_token_id=ids["<image>"])
+    torch.manual_seed(0)
+    transformers.SmolVLMForConditionalGeneration(cfg).to(torch.bfloat16).save_pretrained(out)
+    pp = SmolVLMImageProcessorPil(size={"longest_edge": size}, max_image_size={"longest_edge": size},
+                                  do_image_splitting=True)
+    with smolvlm_hf_processor_patches():
+        transformers.SmolVLMProcessor(image_processor=pp, tokenizer=transformers.AutoTokenizer.from_pretrained(str(out)),
+                                      video_processor=SmolVLMVideoProcessor(),
+                                      image_seq_len=(size // vision["patch_size"] // 4) ** 2).save_pretrained(out)
+    return out
+
+
+def hf_model_and_processor(path: Path, family: str, torch_dtype: torch.dtype) -> tuple:
+    import transformers
+
+    if family == "smolvlm":
+        from fixtures_vlm import hf_idefics3_processor
+
+        model = transformers.SmolVLMForConditionalGeneration.from_pretrained(path, dtype=torch_dtype).eval()
+        return model, hf_idefics3_processor(path, "smolvlm")
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype).eval()
+    proc = transformers.LlavaProcessor(
+        image_processor=transformers.models.llava.image_processing_pil_llava.LlavaImageProcessorPil.from_pretrained(path),
+        tokenizer=transformers.AutoTokenizer.from_pretrained(path), patch_size=model.config.vision_config.patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    return model, proc
 
 
 def images(n: int, seed: int) -> list[Image.Image]:
@@ -86,19 +129,14 @@ def run_ours(path: Path, dtype: str, n: int, repeats: int) -> dict[str, float]:
     return {"ttft_1_s": min(single), f"ttft_all_{n}_s": min(batch)}
 
 
-def run_hf(path: Path, dtype: str, n: int, repeats: int) -> dict[str, float]:
-    import transformers
-
+def run_hf(path: Path, family: str, dtype: str, n: int, repeats: int) -> dict[str, float]:
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-    model = transformers.LlavaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype).eval()
-    proc = transformers.LlavaProcessor(
-        image_processor=transformers.models.llava.image_processing_pil_llava.LlavaImageProcessorPil.from_pretrained(path),
-        tokenizer=transformers.AutoTokenizer.from_pretrained(path), patch_size=model.config.vision_config.patch_size,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    model, proc = hf_model_and_processor(path, family, torch_dtype)
     prompt = "Describe <image> in detail."
 
     def go(imgs: list[Image.Image]) -> float:
-        inputs = proc(text=[prompt] * len(imgs), images=imgs, return_tensors="pt", padding=True)
+        kw = {"images": [[im] for im in imgs]} if family == "smolvlm" else {"images": imgs}
+        inputs = proc(text=[prompt] * len(imgs), return_tensors="pt", padding=True, **kw)
         inputs["pixel_values"] = inputs["pixel_values"].to(torch_dtype)
         t = time.perf_counter()
         with torch.inference_mode():
@@ -125,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     path = build(args.shape, args.cache / args.shape)
     ours = run_ours(path, args.dtype, args.concurrent, args.repeats)
-    hf = run_hf(path, args.dtype, args.concurrent, args.repeats)
+    hf = run_hf(path, SHAPES[args.shape][0], args.dtype, args.concurrent, args.repeats)
     n = args.concurrent
     rows = [("TTFT, 1 request, 1 image (448x448 input)", "ttft_1_s"),
             (f"all {n} first tokens, {n} requests with an image each", f"ttft_all_{n}_s")]
