@@ -100,6 +100,8 @@ class CompiledDecode:
     skip_guards = True
 
     def __init__(self, model: nn.Module, max_model_len: int) -> None:
+        if getattr(model, "cross_attention", False):   # its decode steps need the media (Mllama's cross layers)
+            raise ValueError(f"{type(model).__name__} cross-attends to media on every step: not compiled")
         inner = getattr(model, "model", None)
         if inner is None or not hasattr(inner, "decode_layers") or not hasattr(inner, "layers"):
             raise ValueError(f"{type(model).__name__} has no decode_layers to compile")

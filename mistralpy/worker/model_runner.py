@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 
@@ -16,6 +18,24 @@ from mistralpy.worker.forward_batch import ForwardBatch
 log = logging.getLogger(__name__)
 
 _CPU_DEFAULT_KV_GB = 2.0
+
+
+class CrossMedia(NamedTuple):
+    """One media item whose rows a sequence's cross-attention layers attend to in a step."""
+
+    rows: torch.Tensor     # model.embed_multimodal(item), from the encoder cache
+    start: int             # first position that sees the item
+    end: int | None        # first position that no longer does; None: the rest of the sequence
+
+
+@dataclass(slots=True)
+class CrossBatch:
+    """``cross_media`` of a cross-attention model's forward (``model.cross_attention = True``): per
+    scheduled sequence (batch order) the items visible to some row of its chunk, and the sequences'
+    row offsets in the flat batch (ForwardBatch.query_start_loc)."""
+
+    media: list[list[CrossMedia]]
+    query_start_loc: list[int]
 
 
 def _available_memory_bytes() -> int:
@@ -85,6 +105,9 @@ class ModelRunner:
             self.encoder_cache = EncoderCache(max(16384, 4 * config.scheduler.max_num_batched_tokens))
         # Qwen-VL's M-RoPE: (t, h, w) positions per token beside the sequence index (Request.rope_positions)
         self.uses_mrope = bool(getattr(self.model, "uses_mrope", False))
+        # Mllama-style models: media are attended to by cross-attention layers on every step (decode
+        # included), not scattered into the input embeddings (see _cross_media)
+        self.cross_attention = bool(getattr(self.model, "cross_attention", False))
         self.compiled = None
         self.native = None  # worker/native_decode.py: all-decode CPU steps in one C++ call
         if self.device.type == "cpu" and os.environ.get("MISTRALPY_NATIVE_DECODE", "1") != "0":
@@ -108,8 +131,9 @@ class ModelRunner:
         if self.native is not None:
             log.info("--compile: the native decode loop already runs this model's decode steps; not compiling")
             return False
-        if self.uses_mrope:   # compiled decode serves text models' model.model.decode_layers only
-            log.info("--compile: %s (M-RoPE) runs eagerly", type(self.model).__name__)
+        if self.uses_mrope or self.cross_attention:   # compiled decode serves model.model.decode_layers only
+            log.info("--compile: %s (%s) runs eagerly", type(self.model).__name__,
+                     "M-RoPE" if self.uses_mrope else "cross-attention")
             return False
         from mistralpy.worker.compile import CompiledDecode
 
@@ -170,10 +194,13 @@ class ModelRunner:
         """Run the model on the step's flat batch; logits [N, V] for the sampling rows only."""
         batch = self.build_batch(sched)
         metadata = self.backend.build_metadata(batch)
-        embeds = self._media_embeds(sched, batch) if self.encoder_cache is not None else None
-        kwargs = {} if batch.mrope_positions is None else {"mrope_positions": batch.mrope_positions}
-        if embeds is not None:
-            kwargs["inputs_embeds"] = embeds
+        kwargs: dict[str, Any] = {} if batch.mrope_positions is None else {"mrope_positions": batch.mrope_positions}
+        if self.cross_attention:
+            kwargs["cross_media"] = self._cross_media(sched, batch)
+        elif self.encoder_cache is not None:
+            embeds = self._media_embeds(sched, batch)
+            if embeds is not None:
+                kwargs["inputs_embeds"] = embeds
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, metadata, **kwargs)
         return self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
 
@@ -189,12 +216,7 @@ class ModelRunner:
                 r = item.placeholder
                 if r.offset >= end or r.offset + r.length <= start:
                     continue
-                enc = self.encoder_cache.get(item.hash, req.request_id)
-                if enc is None:
-                    enc = self.model.embed_multimodal(item)
-                    if enc.shape[0] != item.num_embeds:
-                        raise RuntimeError(f"encoder gave {enc.shape[0]} rows for an item of {item.num_embeds}")
-                    self.encoder_cache.put(item.hash, enc, req.request_id)
+                enc = self._encoded(item, req.request_id)
                 pos = torch.tensor(r.embed_positions())
                 take = ((pos >= start) & (pos < end)).nonzero().flatten()
                 rows.extend((pos[take] - start + base).tolist())
@@ -205,6 +227,34 @@ class ModelRunner:
         idx = torch.tensor(rows, dtype=torch.long, device=embeds.device)
         embeds[idx] = torch.cat(parts).to(embeds.dtype)
         return embeds
+
+    def _encoded(self, item: Any, request_id: str) -> torch.Tensor:
+        """The item's encoder rows from the cache, else computed and cached; either way referenced
+        by ``request_id`` until the scheduler releases the request (finish, abort, preemption), so
+        the cache never evicts them while it runs."""
+        enc = self.encoder_cache.get(item.hash, request_id)
+        if enc is None:
+            enc = self.model.embed_multimodal(item)
+            if enc.shape[0] != item.num_embeds:
+                raise RuntimeError(f"encoder gave {enc.shape[0]} rows for an item of {item.num_embeds}")
+            self.encoder_cache.put(item.hash, enc, request_id)
+        return enc
+
+    def _cross_media(self, sched: SchedulerOutput, batch: ForwardBatch) -> CrossBatch:
+        """Each sequence's items visible to some position of its chunk: ``item.extra["cross_span"]``
+        = (start, end or None), default (placeholder offset, None). An item is encoded on the first
+        step that needs it (a prefix-cache hit or a preemption may skip its placeholder's chunk)."""
+        media: list[list[CrossMedia]] = []
+        for s in sched.seqs:
+            req = s.req
+            start, end = req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens
+            seen = []
+            for item in req.mm_items:
+                lo, hi = item.extra.get("cross_span", (item.placeholder.offset, None))
+                if lo < end and (hi is None or hi > start):
+                    seen.append(CrossMedia(self._encoded(item, req.request_id), lo, hi))
+            media.append(seen)
+        return CrossBatch(media, batch.query_start_loc)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> SamplerOutput | None:

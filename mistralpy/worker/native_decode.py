@@ -154,6 +154,8 @@ class NativeDecode:
     """Takes the place of ``model.model.decode_layers``: the C++ op on all-decode steps."""
 
     def __init__(self, model: nn.Module) -> None:
+        if getattr(model, "cross_attention", False):   # its decode steps need the media (Mllama's cross layers)
+            raise NotEligible(f"{type(model).__name__} cross-attends to media on every step")
         inner = getattr(model, "model", None)
         if inner is None or not hasattr(inner, "decode_layers") or not hasattr(inner, "layers"):
             raise NotEligible(f"{type(model).__name__} has no decode_layers")
