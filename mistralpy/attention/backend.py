@@ -21,6 +21,9 @@ class AttentionSpec:
     scale: float
     sliding_window: int | None = None  # a query sees keys with pos > q_pos - sliding_window
     logit_softcap: float | None = None  # Gemma 2 style tanh soft-capping of scores
+    # Llama 4's chunked local attention: a query sees keys of its own chunk only,
+    # q_pos // attention_chunk_size * attention_chunk_size <= pos <= q_pos
+    attention_chunk_size: int | None = None
 
 
 class AttentionBackend(Protocol):

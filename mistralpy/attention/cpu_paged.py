@@ -68,6 +68,10 @@ def decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Ten
            spec: AttentionSpec) -> torch.Tensor:
     """Write k/v [W, Hk, D|Dv] at `slots` [W] (W = 0: nothing to write), then attend q [B, Hq, D]
     over block_tables [B, nb] / seq_lens [B] (int64) -> [B, Hq, Dv] in q's dtype."""
+    # The op takes one window for all rows; torch_ref hands chunked rows over as plain rows
+    # (torch_ref._chunk_rows) or keeps them.
+    if spec.attention_chunk_size is not None:
+        raise ValueError("paged_decode has no chunked attention: pass each row's own chunk (torch_ref._chunk_rows)")
     vc = None if values_in_keys(k_cache, v_cache) else v_cache
     return _op[0](q, k, v, k_cache, vc, slots, block_tables, seq_lens, spec.scale, spec.sliding_window or 0,
                   spec.logit_softcap or 0.0)

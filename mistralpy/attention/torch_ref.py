@@ -2,12 +2,16 @@
 
 Runs on any device and is the oracle for fast backends. Decode rows (one new token) are
 batched into a single SDPA call over a padded gather; rows with several new tokens (prefill
-chunks) go one sequence at a time with an explicit causal / sliding-window mask. On CPU, when the
-C++ extension is loaded, decode rows instead go through ``cpu_paged.decode`` (one call per layer
-that writes the cache and attends in place, no gather); ``MISTRALPY_CPU_EXT=0`` keeps torch's path.
+chunks) go one sequence at a time with an explicit causal / sliding-window / chunked mask. On CPU,
+when the C++ extension is loaded, decode rows instead go through ``cpu_paged.decode`` (one call per
+layer that writes the cache and attends in place, no gather); ``MISTRALPY_CPU_EXT=0`` keeps torch's
+path. Chunked-attention layers (``spec.attention_chunk_size``) give the op each row's own chunk
+(block table from the chunk's first block, length within it) when chunks are whole blocks, else
+take torch's path: the op has one window a call, a chunk's visible span differs per decode row.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -73,14 +77,20 @@ class TorchRefBackend:
                 v_cache: torch.Tensor, md: TorchRefMetadata, spec: AttentionSpec) -> torch.Tensor:
         # The C++ op (cpu_paged) for decode rows where it applies; it writes the cache itself.
         fast = md.decode_rows is not None and cpu_paged.usable(q, k, v, k_cache, v_cache)
+        chunked = spec.attention_chunk_size is not None
         if torch.compiler.is_compiling():  # worker/compile.py compiles decode-only steps
-            if fast:
+            if fast and not chunked:
                 return cpu_paged.decode(q, k, v, k_cache, v_cache, md.slot_mapping, md.decode_blocks,
                                         md.decode_lens, spec)
             return _traced_decode(q, k, v, k_cache, v_cache, md, spec)
+        blocks, lens, op_spec = md.decode_blocks, md.decode_lens, spec
+        if fast and chunked:   # the op over each row's own chunk, when chunks start on block boundaries
+            view = _chunk_rows(md, spec)
+            fast = view is not None
+            if view is not None:
+                blocks, lens, op_spec = view
         if fast and md.all_decode:  # decode row i is token row i
-            return cpu_paged.decode(q, k, v, k_cache, v_cache, md.slot_mapping, md.decode_blocks,
-                                    md.decode_lens, spec)
+            return cpu_paged.decode(q, k, v, k_cache, v_cache, md.slot_mapping, blocks, lens, op_spec)
         # v may be narrower than k and its cache a view into k's (MLA's latent cache, model_runner)
         num_kv_heads, head_dim, v_dim = k_cache.shape[2], k_cache.shape[3], v_cache.shape[3]
         flat_k = k_cache.view(-1, num_kv_heads, head_dim)
@@ -94,8 +104,8 @@ class TorchRefBackend:
         if md.decode_rows is not None:
             dq = q.index_select(0, md.decode_rows)
             if fast:  # every row is written above: the op only attends (no rows to write)
-                dec = cpu_paged.decode(dq, k[:0], v[:0], k_cache, v_cache, md.slot_mapping[:0],
-                                       md.decode_blocks, md.decode_lens, spec)
+                dec = cpu_paged.decode(dq, k[:0], v[:0], k_cache, v_cache, md.slot_mapping[:0], blocks, lens,
+                                       op_spec)
             else:
                 dec = self._decode(dq, k_cache, v_cache, md, spec)
             out.index_copy_(0, md.decode_rows, dec)
@@ -104,8 +114,9 @@ class TorchRefBackend:
             vals = v_cache.index_select(0, seq.blocks).view(-1, num_kv_heads, v_dim)[: seq.seq_len]
             q_len = seq.q_end - seq.q_start
             mask = None
-            if q_len != seq.seq_len or spec.sliding_window is not None or spec.logit_softcap is not None:
-                mask = _prefill_mask(q_len, seq.seq_len, spec.sliding_window, q.device)
+            if (q_len != seq.seq_len or spec.sliding_window is not None or spec.logit_softcap is not None
+                    or spec.attention_chunk_size is not None):
+                mask = _prefill_mask(q_len, seq.seq_len, spec.sliding_window, q.device, spec.attention_chunk_size)
             out[seq.q_start:seq.q_end] = _sdpa(q[seq.q_start:seq.q_end].transpose(0, 1).unsqueeze(0),
                                                keys.transpose(0, 1).unsqueeze(0),
                                                vals.transpose(0, 1).unsqueeze(0),
@@ -119,15 +130,11 @@ class TorchRefBackend:
         flat_blocks = md.decode_blocks.reshape(-1)  # index_select is several times faster than advanced indexing
         keys = k_cache.index_select(0, flat_blocks).view(bd, nb * md.block_size, num_kv_heads, head_dim)
         vals = v_cache.index_select(0, flat_blocks).view(bd, nb * md.block_size, num_kv_heads, v_cache.shape[3])
-        key = ("decode", spec.sliding_window)
+        key = ("decode", spec.sliding_window, spec.attention_chunk_size)
         mask = md._masks.get(key)
         if mask is None:
             pos = torch.arange(nb * md.block_size, device=q.device)
-            lens = md.decode_lens.unsqueeze(1)
-            mask = pos.unsqueeze(0) < lens
-            if spec.sliding_window is not None:
-                mask &= pos.unsqueeze(0) > (lens - 1 - spec.sliding_window)
-            mask = mask[:, None, None, :]
+            mask = _decode_valid(pos, md.decode_lens.unsqueeze(1), spec)[:, None, None, :]
             md._masks[key] = mask
         q4, k4, v4 = q.unsqueeze(2), keys.transpose(1, 2), vals.transpose(1, 2)
         if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and spec.logit_softcap is None:
@@ -170,23 +177,54 @@ def _traced_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: t
     scores = (qf * keys.float()).sum(-1) * spec.scale                                 # [B, Hk, G, L]
     if spec.logit_softcap is not None:
         scores = torch.tanh(scores / spec.logit_softcap) * spec.logit_softcap
-    pos = torch.arange(length, device=q.device)
-    lens = md.decode_lens.unsqueeze(1)
-    valid = pos.unsqueeze(0) < lens
-    if spec.sliding_window is not None:
-        valid = valid & (pos.unsqueeze(0) > lens - 1 - spec.sliding_window)
+    valid = _decode_valid(torch.arange(length, device=q.device), md.decode_lens.unsqueeze(1), spec)
     scores = scores.masked_fill(~valid[:, None, None, :], -math.inf)
     probs = torch.softmax(scores, dim=-1)
     out = (probs.unsqueeze(-1) * vals.float()).sum(-2)                                 # [B, Hk, G, Dv]
     return out.reshape(b, hq, dv).to(q.dtype)
 
 
-def _prefill_mask(q_len: int, seq_len: int, window: int | None, device: torch.device) -> torch.Tensor:
+def _chunk_rows(md: TorchRefMetadata, spec: AttentionSpec
+                ) -> tuple[torch.Tensor, torch.Tensor, AttentionSpec] | None:
+    """Chunked decode rows as plain rows over their own chunk, for the C++ op (one window a call):
+    when a chunk is whole blocks, row b's table starts at its chunk's first block and its length
+    counts from there. (block tables [Bd, nb], lengths [Bd], the spec without the chunk), cached per
+    step; None when chunks do not start on block boundaries."""
+    chunk = spec.attention_chunk_size
+    if chunk is None or chunk % md.block_size:
+        return None
+    key = ("chunk_rows", spec)
+    hit = md._masks.get(key)
+    if hit is None:
+        first = (md.decode_lens - 1) // chunk * (chunk // md.block_size)          # [Bd] first block
+        nb = md.decode_blocks.shape[1]
+        cols = (first[:, None] + torch.arange(nb, device=first.device)).clamp_(max=nb - 1)   # padding: valid ids
+        blocks = md.decode_blocks.gather(1, cols)
+        hit = md._masks[key] = (blocks, md.decode_lens - first * md.block_size,
+                                dataclasses.replace(spec, attention_chunk_size=None))
+    return hit
+
+
+def _decode_valid(pos: torch.Tensor, lens: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
+    """Keys each decode row sees: pos [L], lens [B, 1] (the query sits at lens - 1) -> bool [B, L]."""
+    valid = pos.unsqueeze(0) < lens
+    if spec.sliding_window is not None:
+        valid = valid & (pos.unsqueeze(0) > lens - 1 - spec.sliding_window)
+    if spec.attention_chunk_size is not None:
+        chunk = spec.attention_chunk_size
+        valid = valid & (pos.unsqueeze(0) >= (lens - 1) // chunk * chunk)
+    return valid
+
+
+def _prefill_mask(q_len: int, seq_len: int, window: int | None, device: torch.device,
+                  chunk: int | None = None) -> torch.Tensor:
     q_pos = torch.arange(seq_len - q_len, seq_len, device=device).unsqueeze(1)
     k_pos = torch.arange(seq_len, device=device).unsqueeze(0)
     mask = k_pos <= q_pos
     if window is not None:
         mask &= k_pos > q_pos - window
+    if chunk is not None:   # Llama 4: keys of the query's own chunk only
+        mask &= k_pos >= q_pos // chunk * chunk
     return mask
 
 
