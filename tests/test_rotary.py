@@ -258,6 +258,23 @@ def test_cache_grows_for_positions_beyond_max():
     assert ours.max_cached_position == 5001
 
 
+def test_huge_context_configs_build_small_tables_and_grow():
+    """A 10M-position config (Llama 4's) builds INITIAL_CACHE rows, not 10M; positions past them
+    grow the table and rotate as transformers does."""
+    from mistralpy.layers.rotary import INITIAL_CACHE
+
+    d = _cfg_dict(10_000_000, {"rope_type": "default", "rope_theta": 500000.0})
+    ours = _ours(d, max_model_len=10_000_000)
+    assert ours.max_cached_position == INITIAL_CACHE
+    positions = torch.tensor([5, INITIAL_CACHE + 7, 3 * INITIAL_CACHE])
+    q, k = _qk(positions.numel())
+    q_out, k_out = ours(positions, q, k)
+    assert INITIAL_CACHE < ours.max_cached_position < 10 * INITIAL_CACHE
+    q_ref, k_ref = _hf_rotate(LlamaRotaryEmbedding(_hf_config(d)), llama_apply, positions, q, k)
+    torch.testing.assert_close(q_out, q_ref, atol=1e-4, rtol=0)
+    torch.testing.assert_close(k_out, k_ref, atol=1e-4, rtol=0)
+
+
 def test_half_precision_and_flat_layout():
     max_pos, rope = CASES["llama3"]
     ours = _ours(_cfg_dict(max_pos, rope))

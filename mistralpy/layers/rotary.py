@@ -232,6 +232,9 @@ def compute_inv_freq(
 # module
 
 
+INITIAL_CACHE = 8192   # cos/sin rows built up front (RotaryEmbedding grows them on demand)
+
+
 class RotaryEmbedding(torch.nn.Module):
     """Applies RoPE to flat-batch q/k. Build one per model (get_rope) and share it across layers.
 
@@ -262,7 +265,9 @@ class RotaryEmbedding(torch.nn.Module):
         self._step_cache: tuple[torch.Tensor, ...] | None = None  # positions, cos, sin, cos2, sin2
         self._fused_positions: torch.Tensor | None = None  # the step whose positions the cache covers
         self._cos = self._sin = torch.empty(0)
-        self._build(max(int(max_position), 1), self.inv_freq.device)
+        # Sized for the first sequences only, and grown as positions need it: configs of 1M-10M
+        # positions (Llama 4) would otherwise hold GBs of tables no request reaches.
+        self._build(min(max(int(max_position), 1), INITIAL_CACHE), self.inv_freq.device)
 
     def extra_repr(self) -> str:
         return (

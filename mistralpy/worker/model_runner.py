@@ -137,7 +137,9 @@ class ModelRunner:
             return False
         from mistralpy.worker.compile import CompiledDecode
 
-        self.compiled = CompiledDecode(self.model, self.config.model.max_model_len)
+        # the longest sequence that can run: the context length, capped by the KV pool
+        longest = min(self.config.model.max_model_len, self.num_blocks * self.config.cache.block_size)
+        self.compiled = CompiledDecode(self.model, longest)
         return True
 
     def build_batch(self, sched: SchedulerOutput) -> ForwardBatch:
