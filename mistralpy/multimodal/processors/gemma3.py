@@ -27,7 +27,8 @@ from PIL import Image
 from mistralpy.multimodal.inputs import MMItem, content_hash
 from mistralpy.multimodal.processors import image_ops
 from mistralpy.multimodal.processors.base import MultimodalProcessor, register_processor
-from mistralpy.multimodal.processors.idefics3 import Piece, TokenSplicer, expand_with, rescale_normalize
+from mistralpy.multimodal.processors.image_ops import rescale_normalize
+from mistralpy.multimodal.processors.splice import Piece, TokenSplicer, expand_with
 
 # Gemma3Processor's call defaults (the preprocessor config writes null for these).
 PAN_AND_SCAN_DEFAULTS = {"do_pan_and_scan": False, "pan_and_scan_min_crop_size": 256,

@@ -22,14 +22,9 @@ from PIL import Image
 from mistralpy.multimodal.inputs import MediaError, MMItem, content_hash
 from mistralpy.multimodal.processors import image_ops
 from mistralpy.multimodal.processors.base import MultimodalProcessor, register_processor
-from mistralpy.multimodal.processors.idefics3 import (
-    Piece,
-    SpliceElement,
-    TokenSplicer,
-    expand_with,
-    pad_tiles,
-    rescale_normalize,
-)
+from mistralpy.multimodal.processors.idefics3 import pad_tiles
+from mistralpy.multimodal.processors.image_ops import rescale_normalize
+from mistralpy.multimodal.processors.splice import Piece, SpliceElement, TokenSplicer, expand_with
 
 _SPACE_AFTER = re.compile(r"[^\s<]")   # Idefics2Processor's closing_fake_pattern lookahead
 

@@ -7,6 +7,7 @@ Resizing goes through PIL on the uint8 image (PIL's own resampling filters and r
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -78,3 +79,17 @@ def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
     m = np.asarray(mean, dtype=np.float32)[:, None, None]
     s = np.asarray(std, dtype=np.float32)[:, None, None]
     return (image - m) / s
+
+
+def rescale_normalize(image: np.ndarray, pp: dict[str, Any]) -> np.ndarray:
+    """transformers' rescale then normalize, each where the config enables it; float32 out."""
+    out: np.ndarray = image
+    if pp.get("do_rescale", True):
+        out = rescale(out, float(pp.get("rescale_factor", 1 / 255)))
+    if pp.get("do_normalize", True):
+        mean = pp.get("image_mean") or IMAGENET_STANDARD_MEAN
+        std = pp.get("image_std") or IMAGENET_STANDARD_STD
+        # A config may give one number for all channels.
+        mean, std = ([v] * out.shape[0] if isinstance(v, (int, float)) else v for v in (mean, std))
+        out = normalize(out, mean, std)
+    return out.astype(np.float32, copy=False)

@@ -28,7 +28,7 @@ from PIL import Image
 from mistralpy.multimodal.inputs import MediaError, MMItem, content_hash
 from mistralpy.multimodal.processors import image_ops
 from mistralpy.multimodal.processors.base import MultimodalProcessor, register_processor
-from mistralpy.multimodal.processors.idefics3 import Piece, TokenSplicer, expand_with
+from mistralpy.multimodal.processors.splice import Piece, TokenSplicer, expand_with
 
 
 def supported_resolutions(max_chunks: int, tile: int) -> list[tuple[int, int]]:

@@ -21,7 +21,8 @@ from PIL import Image
 from mistralpy.multimodal.inputs import MMItem, content_hash
 from mistralpy.multimodal.processors import image_ops
 from mistralpy.multimodal.processors.base import MultimodalProcessor, register_processor
-from mistralpy.multimodal.processors.idefics3 import Piece, TokenSplicer, expand_with, rescale_normalize
+from mistralpy.multimodal.processors.image_ops import rescale_normalize
+from mistralpy.multimodal.processors.splice import Piece, TokenSplicer, expand_with
 
 
 def _pair(value: Any, default: int) -> tuple[int, int]:
