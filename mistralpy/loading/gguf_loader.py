@@ -52,6 +52,8 @@ GGUF_ARCHITECTURES: dict[str, GGUFArch] = {
     "llama": GGUFArch("LlamaForCausalLM", permute_qk=True, family="moe", also_builds=("MixtralForCausalLM",)),
     "mistral": GGUFArch("MistralForCausalLM", permute_qk=True),
     "qwen2": GGUFArch("Qwen2ForCausalLM", permute_qk=False),
+    # Qwen2-VL's language model: Qwen2 with M-RoPE sections (plain Qwen2 without its mmproj)
+    "qwen2vl": GGUFArch("Qwen2ForCausalLM", permute_qk=False, family="qwen2vl"),
     "qwen3": GGUFArch("Qwen3ForCausalLM", permute_qk=False),
     "qwen3moe": GGUFArch("Qwen3MoeForCausalLM", permute_qk=False, family="moe"),
     "phi2": GGUFArch("PhiForCausalLM", permute_qk=False, family="phi"),

@@ -1,4 +1,6 @@
-"""llama.cpp's multimodal projector files (``mmproj*.gguf``, read by libmtmd's clip.cpp) for LLaVA 1.5.
+"""llama.cpp's multimodal projector files (``mmproj*.gguf``, read by libmtmd's clip.cpp) for LLaVA 1.5;
+Gemma 3, Qwen2-VL / Qwen2.5-VL and SmolVLM / Idefics3 projectors: loading/gguf_mmproj_families.py
+(``read_mmproj`` and the functions below dispatch on ``MMProj.family``).
 
 A LLaVA GGUF is two files: the text model, a plain ``llama`` GGUF, and an mmproj with the CLIP tower
 and the two-layer projector (``clip.projector_type`` "mlp"). This module turns the mmproj into what
@@ -37,6 +39,14 @@ from gguf import GGMLQuantizationType as Q
 from mistralpy.errors import ModelLoadError
 from mistralpy.loading.gguf_file import GGUFFile
 from mistralpy.loading.gguf_loader import metadata
+from mistralpy.loading.gguf_mmproj_families import (
+    FAMILIES,
+    IMAGE_TOKENS,
+    PROCESSORS,
+    family_config,
+    iter_family_tensors,
+    read_family,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +76,7 @@ class MMProj:
     config: dict[str, Any]        # the LLaVA keys beside text_config: vision_config, feature layer, ...
     preprocessor: dict[str, Any]  # preprocessor_config.json-like, for processors/llava.py
     projection_dim: int           # width of the projector's output (the text model's hidden size)
+    family: str = "llava"         # "llava" or a key of gguf_mmproj_families.PROCESSORS
 
 
 def find_mmproj(model_path: Path) -> Path | None:
@@ -97,8 +108,13 @@ def read_mmproj(path: str | Path) -> MMProj:
         raise ModelLoadError(f"{path.name} is not a llama.cpp vision projector (general.architecture "
                              f"{meta.get('general.architecture')!r})")
     proj = meta.get("clip.projector_type") or meta.get("clip.vision.projector_type") or "mlp"
+    if proj in FAMILIES:
+        shapes = {t.name: _shape(t) for t in reader.tensors}
+        config, pre, width = read_family(FAMILIES[proj], path.name, meta, shapes)
+        return MMProj(path, reader, config, pre, width, FAMILIES[proj])
     if proj != "mlp":
-        raise ModelLoadError(f"{path.name}: projector type {proj!r} is not supported (LLaVA 1.5's 'mlp')")
+        raise ModelLoadError(f"{path.name}: projector type {proj!r} is not supported (LLaVA 1.5's 'mlp', "
+                             f"{', '.join(repr(k) for k in FAMILIES)})")
     if meta.get("clip.vision.image_grid_pinpoints"):
         raise ModelLoadError(f"{path.name}: LLaVA-NeXT (grid pinpoints) projectors are not supported yet")
     shapes = {t.name: _shape(t) for t in reader.tensors}
@@ -162,6 +178,8 @@ def llava_config(text_cfg: dict[str, Any], mm: MMProj, image_token_id: int) -> d
     if mm.projection_dim != text_cfg["hidden_size"]:
         raise ModelLoadError(f"{mm.path.name} projects to {mm.projection_dim} but the text model's hidden size "
                              f"is {text_cfg['hidden_size']}: the projector belongs to another model")
+    if mm.family != "llava":
+        return family_config(text_cfg, mm, image_token_id)
     return {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
             "text_config": text_cfg, **mm.config, "image_token_index": image_token_id}
 
@@ -189,6 +207,9 @@ def hf_mmproj_name(name: str) -> str | None:
 def iter_mmproj_tensors(mm: MMProj) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, float32 tensor) for every tensor of the mmproj. The tower stays float (models list
     it under isq_skip_prefixes), so quantized mmproj tensors are dequantized here."""
+    if mm.family != "llava":
+        yield from iter_family_tensors(mm, ((t.name, _float(t)) for t in mm.reader.tensors))
+        return
     hidden = mm.config["vision_config"]["hidden_size"]
     # fc1 reads the hidden width: a layer whose ffn_down does has the legacy (swapped) names; clip.cpp
     # tests exactly this (so with intermediate == hidden it swaps too, and so do we)
@@ -231,9 +252,14 @@ def add_media_marker(tokenizer: Any) -> int:
 
 
 def placeholder_token_id(tokenizer: Any, vocab_size: int) -> int:
-    """The in-vocabulary id the expanded image positions carry (see above)."""
-    image = tokenizer.token_to_id("<image>")
-    return int(image) if image is not None and image < vocab_size else 0
+    """The in-vocabulary id the expanded image positions carry (see above): the vocabulary's image
+    token (Gemma 3 `<image_soft_token>`, Qwen2-VL `<|image_pad|>`, LLaVA / SmolVLM `<image>`, tried
+    in that order), else 0."""
+    for token in (*dict.fromkeys(IMAGE_TOKENS.values()), "<image>"):
+        image = tokenizer.token_to_id(token)
+        if image is not None and image < vocab_size:
+            return int(image)
+    return 0
 
 
 def marker_ids(tokenizer: Any) -> list[int]:
@@ -243,8 +269,13 @@ def marker_ids(tokenizer: Any) -> list[int]:
 
 
 def gguf_llava_processor(hf_config: dict[str, Any], tokenizer: Any) -> Any:
-    """The LLaVA processor of a GGUF + mmproj model (hf_config as the builder wrote it)."""
+    """The processor of a GGUF + mmproj model (hf_config as the builder wrote it): LLaVA's, or the
+    family's libmtmd-style one (gguf_mmproj_families)."""
     from mistralpy.multimodal.processors.llava import LlavaProcessor
+
+    family = hf_config["gguf_mmproj"]["preprocessor"].get("family", "llava")
+    if family != "llava":
+        return PROCESSORS[family](hf_config, tokenizer, MEDIA_MARKER)
 
     class GGUFLlavaProcessor(LlavaProcessor):
         image_placeholder = MEDIA_MARKER
