@@ -32,6 +32,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="fetch image URLs from these hosts only (they may then resolve to private addresses)")
     s.add_argument("--allow-private-media", action="store_true",
                    help="let image URLs reach loopback / private / link-local addresses (off: the SSRF guard refuses them)")
+    s.add_argument("--responses-db", metavar="PATH",
+                   help="SQLite file keeping stored /v1/responses across restarts (default: in memory, the "
+                        "last 1000 kept)")
     s.add_argument("--log-interval", type=float, default=5.0,
                    help="seconds between throughput log lines while busy (0 = off; default: 5)")
 
@@ -63,7 +66,8 @@ def serve_command(args: argparse.Namespace) -> int:
                             log_interval_s=args.log_interval, max_media_bytes=int(args.max_media_mb * 2**20),
                             allowed_media_domains=tuple(args.allowed_media_domains),
                             allow_private_media=args.allow_private_media,
-                            max_num_images=getattr(args, "max_num_images", 8))
+                            max_num_images=getattr(args, "max_num_images", 8),
+                            responses_db=getattr(args, "responses_db", None))
     app = create_app(registry, options)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from mistralpy.engine.async_engine import AsyncEngine
 from mistralpy.errors import MistralPyError
-from mistralpy.server import chat, completions
+from mistralpy.server import chat, completions, responses
 from mistralpy.sampling_params import SamplingParams
 from mistralpy.server.errors import APIError, install_error_handlers
 from mistralpy.server.media import fetch_images
@@ -33,7 +33,7 @@ from mistralpy.server.state import ServerState
 log = logging.getLogger(__name__)
 
 ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics",
-                       "/tokenize", "/detokenize"})
+                       "/tokenize", "/detokenize", "/v1/responses"})
 
 
 @dataclass(slots=True)
@@ -47,6 +47,7 @@ class ServerOptions:
     allowed_media_domains: tuple[str, ...] = ()  # only these hosts (may be private) when set
     allow_private_media: bool = False      # any host, private addresses included
     max_num_images: int = 8                # per request
+    responses_db: str | None = None        # SQLite file of stored /v1/responses (None: in memory, LRU-bounded)
 
     def media_policy(self) -> Any:
         from mistralpy.multimodal.fetch import MediaPolicy
@@ -74,6 +75,7 @@ def create_app(models: AsyncEngine | ModelRegistry, options: ServerOptions | Non
     install_error_handlers(app)
     app.include_router(chat.router)
     app.include_router(completions.router)
+    app.include_router(responses.router)
     _add_misc_routes(app, state)
     # add_middleware wraps: the last added runs first. Order of processing: request id, metrics,
     # CORS (preflights answered before auth), API key, body size limit.
