@@ -61,8 +61,10 @@ def test_greedy_tokens_in_llama_cpp_top3(variant, model):
         pytest.skip("CPU extension could not be built")
     if variant not in cpu_ext.runnable_variants():
         pytest.skip(f"this CPU cannot run the {variant} build")
-    if variant == "scalar" and model == "qwen25coder":
-        pytest.skip("the scalar build runs the 0.5B model on float32 expansions (slow); the two smaller files cover it")
+    if variant == "scalar" and model != "smollm2":
+        # the scalar build runs the engine on float32 expansions (~1 min a file on 2 cores); its
+        # qmm kernels are checked per block type in test_cpu_kernels.py, so one file covers the rest
+        pytest.skip("the scalar build end to end runs on SmolLM2 only (the K-quant files are slow there)")
     cpu_ext.load_variant(variant)  # built here once (cached), so the child only loads it
     path = _model(model)
     env = dict(os.environ, MISTRALPY_CPU_ISA=variant, OMP_NUM_THREADS="2")
