@@ -20,6 +20,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "elementwise.h"
 #include "simd.h"
 
 #include "kernels.h"
@@ -41,11 +42,6 @@ namespace {
 #if defined(__AVX512F__)
 using mistralpy_simd::exp16;
 #endif
-
-template <typename T>
-inline float to_f(T v) {
-  return static_cast<float>(v);
-}
 
 #if defined(__AVX512F__)
 template <typename T>
