@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 
 from mistralpy.engine.async_engine import AsyncEngine
 from mistralpy.errors import MistralPyError
-from mistralpy.server import chat, completions, responses
+from mistralpy.server import anthropic, chat, completions, responses
 from mistralpy.sampling_params import SamplingParams
 from mistralpy.server.errors import APIError, install_error_handlers
 from mistralpy.server.media import fetch_images
@@ -29,11 +29,12 @@ from mistralpy.server.middleware import (
 from mistralpy.server.protocol import DetokenizeRequest, ModelCard, TokenizeRequest
 from mistralpy.server.registry import ModelEntry, ModelRegistry
 from mistralpy.server.state import ServerState
+from mistralpy.server import embeddings as embedding_routes
 
 log = logging.getLogger(__name__)
 
 ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics",
-                       "/tokenize", "/detokenize", "/v1/responses"})
+                       "/tokenize", "/detokenize", "/v1/responses", "/v1/messages", "/v1/messages/count_tokens"})
 
 
 @dataclass(slots=True)
@@ -75,7 +76,9 @@ def create_app(models: AsyncEngine | ModelRegistry, options: ServerOptions | Non
     install_error_handlers(app)
     app.include_router(chat.router)
     app.include_router(completions.router)
+    app.include_router(anthropic.router)  # /v1/messages: Anthropic's Messages API
     app.include_router(responses.router)
+    app.include_router(embedding_routes.router)  # /v1/embeddings, /v1/rerank, /v1/score
     _add_misc_routes(app, state)
     # add_middleware wraps: the last added runs first. Order of processing: request id, metrics,
     # CORS (preflights answered before auth), API key, body size limit.

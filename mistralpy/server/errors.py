@@ -3,6 +3,9 @@
 Status codes: every invalid request (malformed JSON, schema violation, bad value, prompt too long)
 is 400 with type ``invalid_request_error``; unknown model 404; missing/wrong API key 401; body too
 large 413; engine failure 500 (with the partial output when there is one).
+
+The Anthropic Messages routes (``/v1/messages*``) answer the same statuses in Anthropic's shape:
+``{"type": "error", "error": {"type", "message"}}`` (:func:`error_body_for` picks by path).
 """
 from __future__ import annotations
 
@@ -23,6 +26,29 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
           500: "internal_server_error", 503: "service_unavailable"}
 
 
+# Anthropic's error types by status (docs.anthropic.com "Errors"); 503 (a model unloaded) is ours.
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                    404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
+                    429: "rate_limit_error", 500: "api_error", 503: "overloaded_error", 529: "overloaded_error"}
+
+
+def is_anthropic_path(path: str) -> bool:
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+def anthropic_error_body(status: int, message: str) -> dict[str, Any]:
+    kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def error_body_for(path: str, status: int, message: str, param: str | None = None,
+                   code: str | None = None) -> dict[str, Any]:
+    """The error body in the shape the route at ``path`` speaks (Anthropic's or OpenAI's)."""
+    if is_anthropic_path(path):
+        return anthropic_error_body(status, message)
+    return error_body(status, message, param, code)
+
+
 class APIError(Exception):
     """An error the server answers with ``status`` and OpenAI error JSON."""
 
@@ -38,8 +64,9 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
-                   extra: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
-    body = error_body(status, message, param, code)
+                   extra: dict[str, Any] | None = None, headers: dict[str, str] | None = None,
+                   path: str = "") -> JSONResponse:
+    body = error_body_for(path, status, message, param, code)
     if extra:
         body.update(extra)
     return JSONResponse(body, status_code=status, headers=headers)
@@ -67,32 +94,39 @@ def _validation_param(errors: list[dict[str, Any]]) -> str | None:
     return ".".join(loc) or None
 
 
+def _path(request: Request) -> str:
+    return request.scope.get("path", "")
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.param, exc.code, exc.extra)
+        return error_response(exc.status, exc.message, exc.param, exc.code, exc.extra, path=_path(request))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
         if errors and errors[0].get("type") == "json_invalid":
-            return error_response(400, f"malformed JSON body: {errors[0].get('msg')}", code="json_invalid")
+            return error_response(400, f"malformed JSON body: {errors[0].get('msg')}", code="json_invalid",
+                                  path=_path(request))
         parts = []
         for e in errors[:5]:
             where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
             parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
-        return error_response(400, "invalid request: " + "; ".join(parts), _validation_param(errors))
+        return error_response(400, "invalid request: " + "; ".join(parts), _validation_param(errors),
+                              path=_path(request))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None),
+                              path=_path(request))
 
     @app.exception_handler(MistralPyError)
     async def _engine(request: Request, exc: MistralPyError) -> JSONResponse:
         err = to_api_error(exc)
-        return error_response(err.status, err.message, err.param, err.code)
+        return error_response(err.status, err.message, err.param, err.code, path=_path(request))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         err = to_api_error(exc)
-        return error_response(err.status, err.message, err.param, err.code)
+        return error_response(err.status, err.message, err.param, err.code, path=_path(request))

@@ -1,5 +1,6 @@
 """Pure ASGI middleware (no BaseHTTPMiddleware, so streams and disconnects pass through untouched):
-request ids, Bearer API key, request body size limit."""
+request ids, API key (``Authorization: Bearer KEY`` or Anthropic's ``x-api-key: KEY``), request body
+size limit. Their errors take the shape of the route asked (Anthropic's for ``/v1/messages*``)."""
 from __future__ import annotations
 
 import hmac
@@ -9,15 +10,15 @@ import uuid
 from fastapi import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mistralpy.server.errors import error_body
+from mistralpy.server.errors import error_body_for, is_anthropic_path
 
 # Paths reachable without the API key: health checks, metrics scrapers and the docs.
 PUBLIC_PATHS = frozenset({"/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
 
-async def _send_error(send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None,
-                      code: str | None = None) -> None:
-    body = json.dumps(error_body(status, message, code=code)).encode()
+async def _send_error(scope: Scope, send: Send, status: int, message: str,
+                      headers: list[tuple[bytes, bytes]] | None = None, code: str | None = None) -> None:
+    body = json.dumps(error_body_for(scope.get("path", ""), status, message, code=code)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *(headers or [])]})
@@ -53,18 +54,25 @@ class RequestIdMiddleware:
 
 
 class ApiKeyMiddleware:
-    """Require ``Authorization: Bearer <key>`` outside PUBLIC_PATHS (and CORS preflights)."""
+    """Require ``Authorization: Bearer <key>`` or ``x-api-key: <key>`` (what Anthropic's clients
+    send) outside PUBLIC_PATHS (and CORS preflights)."""
 
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
         self.expected = f"Bearer {api_key}".encode()
+        self.expected_key = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] == "OPTIONS" or scope["path"] in PUBLIC_PATHS:
             return await self.app(scope, receive, send)
-        given = (_header(scope, b"authorization") or "").encode("latin-1")
-        if not hmac.compare_digest(given, self.expected):
-            return await _send_error(send, 401, "missing or invalid API key (send 'Authorization: Bearer KEY')",
+        bearer = (_header(scope, b"authorization") or "").encode("latin-1")
+        x_api_key = (_header(scope, b"x-api-key") or "").encode("latin-1")
+        # Both compared every time: which header is present is no secret, the key is.
+        ok_bearer = hmac.compare_digest(bearer, self.expected)
+        ok_key = hmac.compare_digest(x_api_key, self.expected_key)
+        if not (ok_bearer or ok_key):
+            hint = "x-api-key: KEY" if is_anthropic_path(scope["path"]) else "Authorization: Bearer KEY"
+            return await _send_error(scope, send, 401, f"missing or invalid API key (send '{hint}')",
                                      [(b"www-authenticate", b"Bearer")], code="invalid_api_key")
         await self.app(scope, receive, send)
 
@@ -82,7 +90,7 @@ class BodySizeLimitMiddleware:
         too_large = f"request body larger than the limit of {self.max_bytes} bytes"
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await _send_error(send, 413, too_large, code="request_too_large")
+            return await _send_error(scope, send, 413, too_large, code="request_too_large")
         received = 0
         started = False
 
@@ -105,7 +113,7 @@ class BodySizeLimitMiddleware:
             await self.app(scope, limited_receive, tracking_send)
         except _TooLarge:
             if not started:
-                await _send_error(send, 413, too_large, code="request_too_large")
+                await _send_error(scope, send, 413, too_large, code="request_too_large")
 
 
 class _TooLarge(HTTPException):
