@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from mistralpy.engine.llm_engine import Engine
     from mistralpy.compat import (Architecture, ChatCompletionRequest, CompletionRequest, DiffusionArchitecture,
                                   IsqOrganization, ModelDType, Runner, UnsupportedModelKindError,
-                                  VisionArchitecture, Which)
+                                  VisionArchitecture, Which, McpClientConfigPy, McpServerConfigPy,
+                                  McpServerSourcePy)
     from mistralpy.engine.outputs import CompletionOutput, LogprobEntry, RequestOutput
 
 _LAZY = {
@@ -31,7 +32,8 @@ _LAZY = {
     # mistral.rs's Python API (mistralpy/compat/)
     **{name: "mistralpy.compat" for name in ("Runner", "Which", "ChatCompletionRequest", "CompletionRequest",
                                              "Architecture", "VisionArchitecture", "DiffusionArchitecture",
-                                             "ModelDType", "IsqOrganization", "UnsupportedModelKindError")},
+                                             "ModelDType", "IsqOrganization", "UnsupportedModelKindError",
+                                             "McpClientConfigPy", "McpServerConfigPy", "McpServerSourcePy")},
 }
 
 
@@ -48,4 +50,5 @@ __all__ = ["Engine", "AsyncEngine", "SamplingParams", "RequestOutput", "Completi
            "MistralPyError", "InvalidRequestError", "PromptTooLongError", "ModelLoadError",
            "UnsupportedArchitectureError", "ChatTemplateError", "EngineDeadError",
            "Runner", "Which", "ChatCompletionRequest", "CompletionRequest", "Architecture", "VisionArchitecture",
-           "DiffusionArchitecture", "ModelDType", "IsqOrganization", "UnsupportedModelKindError"]
+           "DiffusionArchitecture", "ModelDType", "IsqOrganization", "UnsupportedModelKindError",
+           "McpClientConfigPy", "McpServerConfigPy", "McpServerSourcePy"]

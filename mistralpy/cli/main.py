@@ -55,6 +55,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     e.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     e.add_argument("--no-chunked-prefill", action="store_true", help="disable chunked prefill")
     e.add_argument("--seed", type=int, help="engine-wide seed for unseeded requests")
+    e.add_argument("--mcp-config", metavar="FILE",
+                   help="MCP client config (mistral.rs's JSON format: servers with Process / Http / WebSocket "
+                        "sources): their tools are offered to the model and run during chat "
+                        "(default: $MCP_CONFIG_PATH)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -81,7 +85,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 arch=args.arch, seed=args.seed, gguf_file=args.gguf_file, mmproj=args.mmproj,
                 isq=args.isq, isq_vision=args.isq_vision, topology=args.topology, compile=args.compile, tool_parser=args.tool_parser,
                 reasoning_parser=args.reasoning_parser, max_num_images=args.max_num_images,
-                max_edge=args.max_edge)
+                max_edge=args.max_edge, mcp_config=getattr(args, "mcp_config", None))
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 # caching is always on, one device): accepted so scripts run unchanged.
 _IGNORED = ("no_kv_cache", "prefix_cache_n", "no_paged_attn", "paged_attn", "pa_cache_type", "jinja_explicit",
             "num_device_layers", "enable_search", "search_bert_model", "no_bert_model", "search_embedding_model",
-            "mcp_client_config", "speculative_gamma", "max_run", "pa_ctxt_len", "throughput_logging")
+            "speculative_gamma", "max_run", "pa_ctxt_len", "throughput_logging")
 
 
 class Runner:
@@ -38,7 +38,8 @@ class Runner:
     def __init__(self, which: Any, max_seqs: int = 16, token_source: str = "cache", chat_template: str | None = None,
                  in_situ_quant: str | int | None = None, which_draft: Any = None, anymoe_config: Any = None,
                  pa_gpu_mem: float | None = None, pa_blk_size: int | None = None,
-                 prompt_chunksize: int | None = None, seed: int | None = None, **options: Any) -> None:
+                 prompt_chunksize: int | None = None, seed: int | None = None, mcp_client_config: Any = None,
+                 **options: Any) -> None:
         if which_draft is not None:
             raise UnsupportedModelKindError("which_draft (speculative decoding) is not supported yet")
         if anymoe_config is not None:
@@ -57,6 +58,8 @@ class Runner:
         if prompt_chunksize is not None:
             engine_opts["max_num_batched_tokens"] = prompt_chunksize
         engine_opts.update(options)
+        if mcp_client_config is not None:  # McpClientConfigPy (compat/mcp.py), or a path / dict as Engine takes
+            engine_opts["mcp_config"] = mcp_client_config
         from mistralpy.engine.llm_engine import Engine
 
         self.which = which
@@ -70,6 +73,12 @@ class Runner:
             raise InvalidRequestError("send_chat_completion_request takes a ChatCompletionRequest", "request")
         params = request.sampling()
         spec = None
+        if self.engine.mcp is not None and not isinstance(request.messages, str) and params.n == 1:
+            # mistral.rs runs MCP tools inside the request: Engine.chat's tool loop (engine/tool_loop.py)
+            return self.engine.chat(request.messages, stream=request.stream, tools=request.tool_schemas,
+                                    tool_choice=request.tool_choice, chat_template_kwargs=request.chat_template_kwargs,
+                                    enable_thinking=request.enable_thinking, reasoning_effort=request.reasoning_effort,
+                                    sampling_params=params)
         if isinstance(request.messages, str):  # mistral.rs: a string is an already templated prompt
             prompt, special = request.messages, True
         else:

@@ -76,6 +76,9 @@ class EngineOptions:
     # Called as weights load: progress(tensors_done, tensors_total, bytes_done, bytes_total, what)
     # (loading/model_loader.ProgressFn; the CLI passes cli/progress.LoadProgress). None: silent.
     progress: Any = None
+    # MCP client (mistralpy/mcp): a mistral.rs-format JSON file, its dict, or McpClientConfigPy.
+    # None: $MCP_CONFIG_PATH if set; False: no MCP even then.
+    mcp_config: Any = None
 
     def validate(self) -> None:
         for name in ("max_seqs", "max_num_batched_tokens", "block_size"):

@@ -84,6 +84,18 @@ def _template_tool_call(call: Any) -> Any:
     return call
 
 
+def _mcp_config(value: Any) -> Any:
+    """The MCP client config of ``Engine(mcp_config=...)``, else of $MCP_CONFIG_PATH; None: no MCP."""
+    import os
+
+    if value is None and not os.environ.get("MCP_CONFIG_PATH"):
+        return None  # the common case imports nothing
+    from mistralpy.mcp.config import config_from_env, load_config
+
+    config = config_from_env() if value is None else load_config(value)
+    return config if config is not None and config.enabled_servers else None
+
+
 class _Collector:
     """Sink that gathers one request's updates until all its choices finish."""
 
@@ -105,6 +117,8 @@ class Engine:
             self.options = EngineOptions(**options)
         except TypeError as exc:
             raise InvalidRequestError(f"Engine: {exc}") from exc
+        mcp_config = _mcp_config(self.options.mcp_config)  # a bad config fails before the model loads
+        self.mcp: Any = None
         self.model_name = model
         built: list = []
 
@@ -119,6 +133,14 @@ class Engine:
                                      self.core.max_total_tokens, self.core.config.device)
         self.tool_parser, self.reasoning_parser = self._output_formats()
         self.media = self._media_input()
+        if mcp_config is not None:
+            from mistralpy.mcp import McpClient
+
+            try:  # each server connects (or fails) once before this returns
+                self.mcp = McpClient(mcp_config).start()
+            except BaseException:
+                self.loop.shutdown()
+                raise
 
     def _media_input(self) -> MediaInput | None:
         """The family's image processor for a vision model (multimodal/processors), else None."""
@@ -296,15 +318,19 @@ class Engine:
         ``message.tool_calls``. ``tool_callbacks`` (name -> callable taking the arguments as keywords)
         runs tools here: each round's calls are executed, their results appended as ``tool``
         messages, and generation continues, up to ``max_tool_rounds`` rounds (see engine/tool_loop.py).
+        With an MCP client (``mcp_config``), its tools join ``tools`` (``auto_register_tools``) and
+        calls to them run the same way; tools without a callback still come back as ``tool_calls``.
         """
         params = sampling_from_kwargs(sampling, sampling_params)
         chat = dict(tools=tools, tool_choice=tool_choice, add_generation_prompt=add_generation_prompt,
                     chat_template_kwargs=chat_template_kwargs, enable_thinking=enable_thinking,
                     reasoning_effort=reasoning_effort, parallel_tool_calls=parallel_tool_calls)
-        if tool_callbacks:
+        # MCP tools need one conversation to continue: n > 1 requests run without them
+        mcp = self.mcp if self.mcp is not None and params.n == 1 else None
+        if tool_callbacks or (mcp is not None and (mcp.config.auto_register_tools or tools)):
             from mistralpy.engine.tool_loop import ToolLoop
 
-            loop = ToolLoop(self, messages, params, chat, tool_callbacks, max_tool_rounds)
+            loop = ToolLoop(self, messages, params, chat, tool_callbacks or {}, max_tool_rounds, mcp=mcp)
             return loop.stream(stream_options) if stream else loop.run()
         return self._chat_once(messages, params, chat, stream, stream_options)
 
@@ -348,6 +374,8 @@ class Engine:
             raise EngineDeadError(self.loop.dead_error)
 
     def shutdown(self) -> None:
+        if self.mcp is not None:
+            self.mcp.close()  # ends every server's task and child process
         self.loop.shutdown()
 
     def __enter__(self) -> Engine:

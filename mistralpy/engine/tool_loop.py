@@ -6,6 +6,13 @@ results (``tool`` messages) are appended to the conversation and the model conti
 answer calls no tool, calls a tool without a callback (returned to the caller as usual), or
 ``max_tool_rounds`` rounds ran. A tool that raises, or arguments that are not a JSON object, give
 the model an ``error: ...`` result instead, so it can recover; the engine never dies of a tool.
+
+MCP tools (``Engine(mcp_config=...)``, mistralpy/mcp) run the same way: with
+``auto_register_tools`` their definitions are added to the request's ``tools`` (a tool the
+caller defined under the same name keeps the caller's definition), and a call to any name the MCP
+client knows (and no callback claims) goes to its server; one round's MCP calls run concurrently.
+A vision model gets an MCP image result as image parts of the ``tool`` message. The final
+response lists every executed call in ``agentic_tool_calls`` ([{round, name, arguments, result}]).
 """
 from __future__ import annotations
 
@@ -20,32 +27,40 @@ from mistralpy.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from mistralpy.engine.llm_engine import Engine
+    from mistralpy.mcp import McpClient
 
 log = logging.getLogger(__name__)
 
 
 class ToolLoop:
     def __init__(self, engine: Engine, messages: Sequence[dict[str, Any]], params: SamplingParams,
-                 chat: dict[str, Any], callbacks: dict[str, Callable[..., Any]], max_rounds: int) -> None:
+                 chat: dict[str, Any], callbacks: dict[str, Callable[..., Any]], max_rounds: int,
+                 mcp: McpClient | None = None) -> None:
         if not isinstance(callbacks, dict) or not all(callable(f) for f in callbacks.values()):
             raise InvalidRequestError("tool_callbacks must map tool names to callables", "tool_callbacks")
         if not isinstance(max_rounds, int) or max_rounds < 1:
             raise InvalidRequestError("max_tool_rounds must be an integer >= 1", "max_tool_rounds")
         if params.n != 1:
             raise InvalidRequestError("tool_callbacks need n = 1 (one conversation to continue)", "n")
-        if not chat.get("tools"):
-            raise InvalidRequestError("tool_callbacks need tools (their definitions for the model)", "tools")
         self.engine = engine
         self.messages = list(messages)
         self.params = params
         self.chat = dict(chat)
         self.callbacks = callbacks
         self.max_rounds = max_rounds
+        self.mcp = mcp
+        if mcp is not None and mcp.config.auto_register_tools:
+            self.chat["tools"] = _with_mcp_tools(chat.get("tools"), mcp.tool_definitions())
+        if callbacks and not self.chat.get("tools"):
+            raise InvalidRequestError("tool_callbacks need tools (their definitions for the model)", "tools")
+        self.executed: list[dict[str, Any]] = []  # agentic_tool_calls
+        self.round = 0
 
     def run(self) -> OpenAIObject:
         """The final chat.completion, with ``usage`` summed over every round."""
         totals = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
         for round_no in range(self.max_rounds + 1):
+            self.round = round_no
             result = self.engine._chat_once(self.messages, self.params, self.chat, False, None)
             for key in totals:
                 totals[key] += result["usage"][key]
@@ -55,6 +70,8 @@ class ToolLoop:
                 break
         result["usage"] = {**result["usage"], **totals}
         result["tool_rounds"] = round_no
+        if self.mcp is not None or self.executed:
+            result["agentic_tool_calls"] = self.executed
         return result
 
     def stream(self, stream_options: dict[str, Any] | None) -> Iterator[OpenAIObject]:
@@ -66,6 +83,7 @@ class ToolLoop:
         for round_no in range(self.max_rounds + 1):
             content: list[str] = []
             calls: dict[int, dict[str, Any]] = {}
+            self.round = round_no
             chunks = self.engine._chat_once(self.messages, self.params, self.chat, True, stream_options, chat_id)
             for chunk in chunks:
                 for choice in chunk["choices"]:
@@ -79,17 +97,43 @@ class ToolLoop:
 
     def _continue(self, message: dict[str, Any], calls: list[dict[str, Any]]) -> bool:
         """Run this round's calls and extend the conversation; False when the loop should stop."""
-        if not calls or any(c["function"]["name"] not in self.callbacks for c in calls):
-            return False
+        if not calls or not all(self._server_side(c["function"]["name"]) for c in calls):
+            return False  # a client-side tool was called: the caller runs this round's calls
         message.pop("reasoning_content", None)  # templates re-render reasoning their own way
         self.messages.append(_plain(message))
-        for call in calls:
+        for call, content in zip(calls, self._run_calls(calls)):
             fn = call["function"]
-            self.messages.append({"role": "tool", "tool_call_id": call["id"], "name": fn["name"],
-                                  "content": self._call(fn["name"], fn["arguments"])})
+            self.messages.append({"role": "tool", "tool_call_id": call["id"], "name": fn["name"], "content": content})
         if self.chat.get("tool_choice") not in (None, "auto", "none"):
             self.chat["tool_choice"] = "auto"  # a forced call is asked for once, not every round
         return True
+
+    def _server_side(self, name: str) -> bool:
+        return name in self.callbacks or (self.mcp is not None and self.mcp.has_tool(name))
+
+    def _run_calls(self, calls: list[dict[str, Any]]) -> list[str | list[dict[str, Any]]]:
+        """Each call's ``tool`` message content, in order (MCP calls of a round run concurrently)."""
+        fns = [c["function"] for c in calls]
+        out: list[Any] = [None] * len(fns)
+        mcp_idx = [i for i, fn in enumerate(fns) if fn["name"] not in self.callbacks]
+        if mcp_idx:
+            assert self.mcp is not None
+            vision = self.engine.media is not None
+            results = self.mcp.call_tools_sync([(fns[i]["name"], fns[i]["arguments"]) for i in mcp_idx])
+            for i, res in zip(mcp_idx, results):
+                out[i] = res.message_content(vision=vision)
+                self._record(fns[i], res.text(vision=False), res.to_dict())
+        for i, fn in enumerate(fns):
+            if out[i] is None:
+                out[i] = self._call(fn["name"], fn["arguments"])
+                self._record(fn, out[i])
+        return out
+
+    def _record(self, fn: dict[str, Any], text: str, mcp: dict[str, Any] | None = None) -> None:
+        entry = {"round": self.round, "name": fn["name"], "arguments": fn["arguments"], "result": text}
+        if mcp is not None:
+            entry["mcp"] = mcp
+        self.executed.append(entry)
 
     def _call(self, name: str, arguments: str) -> str:
         try:
@@ -119,6 +163,13 @@ def _accumulate(delta: dict[str, Any], content: list[str], calls: dict[int, dict
         if fn.get("name"):
             call["function"]["name"] = fn["name"]
         call["function"]["arguments"] += fn.get("arguments") or ""
+
+
+def _with_mcp_tools(tools: list[dict[str, Any]] | None, mcp_tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The request's tools plus the MCP tools it does not define itself."""
+    tools = list(tools or [])
+    taken = {t.get("function", {}).get("name") for t in tools if isinstance(t, dict)}
+    return tools + [t for t in mcp_tools if t["function"]["name"] not in taken]
 
 
 def _plain(message: dict[str, Any]) -> dict[str, Any]:
