@@ -29,7 +29,6 @@ from mistralpy.server.middleware import (
 from mistralpy.server.protocol import DetokenizeRequest, ModelCard, TokenizeRequest
 from mistralpy.server.registry import ModelEntry, ModelRegistry
 from mistralpy.server.state import ServerState
-from mistralpy.server import embeddings as embedding_routes
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +77,6 @@ def create_app(models: AsyncEngine | ModelRegistry, options: ServerOptions | Non
     app.include_router(completions.router)
     app.include_router(anthropic.router)  # /v1/messages: Anthropic's Messages API
     app.include_router(responses.router)
-    app.include_router(embedding_routes.router)  # /v1/embeddings, /v1/rerank, /v1/score
     _add_misc_routes(app, state)
     # add_middleware wraps: the last added runs first. Order of processing: request id, metrics,
     # CORS (preflights answered before auth), API key, body size limit.
