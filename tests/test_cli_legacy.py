@@ -48,6 +48,9 @@ def test_engine_options_before_or_after_the_subcommand():
     args = build_parser().parse_args(after)
     assert (args.command, args.isq, args.seed, args.max_seqs) == ("run", "Q4K", 3, 2)
     assert ours("--isq", "Q4K", "serve", "-m", "M") == ["serve", "-m", "M", "--isq", "Q4K"]
+    mcp = ours("--mcp-config", "mcp.json", "--port", "1234", "plain", "-m", "M")
+    assert mcp == ["serve", "-m", "M", "--mcp-config", "mcp.json", "--port", "1234"]
+    assert build_parser().parse_args(mcp).mcp_config == "mcp.json"
     assert ours("--pa-blk-size", "32", "--prompt-chunksize", "256", "--pa-gpu-mem", "2048", "-i", "run", "-m", "M") \
         == ["run", "-m", "M", "--block-size", "32", "--max-num-batched-tokens", "256", "--kv-cache-memory-gb", "2"]
 

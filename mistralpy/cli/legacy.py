@@ -66,6 +66,7 @@ GLOBAL: dict[str, tuple[str | None, bool, Conv]] = {
     "--jinja-explicit": ("--chat-template", True, None),
     "-j": ("--chat-template", True, None),
     "--seed": ("--seed", True, None),
+    "--mcp-config": ("--mcp-config", True, None),
     "--max-seqs": ("--max-seqs", True, None),
     "--pa-blk-size": ("--block-size", True, None),
     "--prompt-batchsize": ("--max-num-batched-tokens", True, None),
