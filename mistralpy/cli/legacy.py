@@ -67,6 +67,7 @@ GLOBAL: dict[str, tuple[str | None, bool, Conv]] = {
     "-j": ("--chat-template", True, None),
     "--seed": ("--seed", True, None),
     "--mcp-config": ("--mcp-config", True, None),
+    "--mcp-port": ("--mcp-port", True, None),
     "--max-seqs": ("--max-seqs", True, None),
     "--pa-blk-size": ("--block-size", True, None),
     "--prompt-batchsize": ("--max-num-batched-tokens", True, None),
@@ -176,14 +177,14 @@ def rewrite(argv: list[str]) -> tuple[list[str], list[str]]:
     interactive = any(t in INTERACTIVE for t in pre)
     options, seen = _translate([t for t in pre if t not in INTERACTIVE], GLOBAL, notes, passthrough=False)
     if sub in LEGACY_KINDS or sub == "run":
-        mode = "serve" if "--port" in seen or "-p" in seen or sub == "serve" else "run"
+        mode = "serve" if {"--port", "-p", "--mcp-port"} & set(seen) or sub == "serve" else "run"
         if interactive and mode == "serve":
             raise LegacyCommandError("choose one of -i (interactive) and --port (server)")
         rest, _ = _translate(rest, MODEL, notes, passthrough=True)
     else:
         mode = sub  # serve / quantize with options moved after it
     if mode == "run":
-        dropped = [o for o in ("--port", "--host") if o in options]
+        dropped = [o for o in ("--port", "--host", "--mcp-port") if o in options]
         if dropped:
             raise LegacyCommandError(f"{dropped[0]} needs server mode")
     return [*keep, mode, *rest, *options], notes
