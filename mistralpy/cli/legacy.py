@@ -84,7 +84,7 @@ GLOBAL: dict[str, tuple[str | None, bool, Conv]] = {
     "--paged-attn": (None, False, None),
     "--truncate-sequence": (None, False, None),
     "--throughput": (None, False, None),
-    "--enable-search": (None, False, None),
+    "--enable-search": ("--enable-search", False, None),
     "--cpu": ("--device=cpu", False, None),
 }
 INTERACTIVE = ("-i", "--interactive-mode")

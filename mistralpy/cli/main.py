@@ -59,6 +59,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="MCP client config (mistral.rs's JSON format: servers with Process / Http / WebSocket "
                         "sources): their tools are offered to the model and run during chat "
                         "(default: $MCP_CONFIG_PATH)")
+    e.add_argument("--tool-dispatch-url", metavar="URL",
+                   help="run tool calls on your HTTP endpoint: each call is POSTed as {\"name\", \"arguments\"} and "
+                        "the JSON or text reply is the result")
+    e.add_argument("--tool-dispatch-tools", metavar="FILE",
+                   help="JSON file of the dispatch endpoint's OpenAI tool definitions (default: GET the URL)")
+    e.add_argument("--enable-search", action="store_true",
+                   help="offer the built-in web_search and fetch_url tools, run in the server")
+    e.add_argument("--search-backend", default="duckduckgo", metavar="BACKEND",
+                   help="web_search backend: duckduckgo (its HTML endpoint), duckduckgo:URL, or a SearxNG URL "
+                        "(JSON API) (default: duckduckgo)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -85,7 +95,11 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
                 arch=args.arch, seed=args.seed, gguf_file=args.gguf_file, mmproj=args.mmproj,
                 isq=args.isq, isq_vision=args.isq_vision, topology=args.topology, compile=args.compile, tool_parser=args.tool_parser,
                 reasoning_parser=args.reasoning_parser, max_num_images=args.max_num_images,
-                max_edge=args.max_edge, mcp_config=getattr(args, "mcp_config", None))
+                max_edge=args.max_edge, mcp_config=getattr(args, "mcp_config", None),
+                tool_dispatch_url=getattr(args, "tool_dispatch_url", None),
+                tool_dispatch_tools=getattr(args, "tool_dispatch_tools", None),
+                enable_search=getattr(args, "enable_search", False),
+                search_backend=getattr(args, "search_backend", "duckduckgo"))
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -3,7 +3,12 @@ several from a TOML file (`--config models.toml`, see server/registry.py for its
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
+import signal
+from collections.abc import Iterator
+from typing import Any
 
 from mistralpy.cli.main import add_model_args, engine_kwargs
 
@@ -21,6 +26,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--port", type=int, default=1234, help="port (default: 1234)")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every API route "
                                      "(/health, /metrics and the docs stay open)")
+    s.add_argument("--mcp-port", type=int, metavar="PORT",
+                   help="also serve the models as MCP tools (chat, complete, list_models; streamable HTTP at "
+                        "/mcp) on this port, beside the HTTP API; /mcp is on the main port too")
     s.add_argument("--served-model-name", help="model id shown in /v1/models and accepted in requests "
                                                "(default: the -m value; 'default' is always accepted)")
     s.add_argument("--cors-origins", nargs="*", default=[], metavar="ORIGIN",
@@ -35,6 +43,9 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--responses-db", metavar="PATH",
                    help="SQLite file keeping stored /v1/responses across restarts (default: in memory, the "
                         "last 1000 kept)")
+    s.add_argument("--max-tool-rounds", type=int, default=8,
+                   help="rounds of server-side tool calls (MCP, dispatch URL, search) per chat request; a "
+                        "request's max_tool_rounds overrides it (default: 8)")
     s.add_argument("--log-interval", type=float, default=5.0,
                    help="seconds between throughput log lines while busy (0 = off; default: 5)")
 
@@ -67,10 +78,57 @@ def serve_command(args: argparse.Namespace) -> int:
                             allowed_media_domains=tuple(args.allowed_media_domains),
                             allow_private_media=args.allow_private_media,
                             max_num_images=getattr(args, "max_num_images", 8),
-                            responses_db=getattr(args, "responses_db", None))
+                            responses_db=getattr(args, "responses_db", None),
+                            max_tool_rounds=args.max_tool_rounds)
     app = create_app(registry, options)
+    mcp_port = getattr(args, "mcp_port", None)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+        if mcp_port is None:
+            uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+        else:
+            if mcp_port == args.port:
+                raise SystemExit("--mcp-port must differ from --port (/mcp is served on --port already)")
+            from mistralpy.server.mcp_server import create_mcp_app
+
+            log.info("MCP endpoint: http://%s:%d/mcp", args.host, mcp_port)
+            asyncio.run(serve_apps([(app, args.port), (create_mcp_app(app.state.server), mcp_port)], args.host))
     finally:
         registry.shutdown()
     return 0
+
+
+def _uvicorn_server(app: Any, host: str, port: int) -> Any:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield  # serve_apps handles the signals, for all servers at once
+
+    return Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5))
+
+
+async def serve_apps(apps: list[tuple[Any, int]], host: str) -> None:
+    """Run one uvicorn server per (app, port) in this event loop; they start and stop together: a
+    signal stops all (a second one forces it), and so does any server ending on its own."""
+    servers = [_uvicorn_server(app, host, port) for app, port in apps]
+
+    def stop_all() -> None:
+        for server in servers:
+            server.force_exit = server.should_exit  # a second signal: stop waiting for connections
+            server.should_exit = True
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # (not the main thread; Windows)
+            loop.add_signal_handler(sig, stop_all)
+    tasks = [asyncio.create_task(server.serve()) for server in servers]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for server in servers:
+            server.should_exit = True
+        await asyncio.gather(*tasks)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)

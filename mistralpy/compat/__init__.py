@@ -1,6 +1,7 @@
 """Compatibility layer for mistral.rs's Python package: ``from mistralpy import Runner, Which,
 ChatCompletionRequest, CompletionRequest`` runs mistral.rs scripts unchanged (text models, plain
 Hugging Face checkpoints and GGUF files)."""
+from mistralpy.compat.embedding import EmbeddingArchitecture, EmbeddingRequest
 from mistralpy.compat.mcp import McpClientConfigPy, McpServerConfigPy, McpServerSourcePy
 from mistralpy.compat.requests import ChatCompletionRequest, CompletionRequest
 from mistralpy.compat.runner import Runner
@@ -9,4 +10,4 @@ from mistralpy.compat.which import (Architecture, DiffusionArchitecture, IsqOrga
 
 __all__ = ["Runner", "Which", "ChatCompletionRequest", "CompletionRequest", "Architecture", "VisionArchitecture",
            "DiffusionArchitecture", "SpeechLoaderType", "ModelDType", "IsqOrganization", "UnsupportedModelKindError",
-           "McpClientConfigPy", "McpServerConfigPy", "McpServerSourcePy"]
+           "McpClientConfigPy", "McpServerConfigPy", "McpServerSourcePy", "EmbeddingRequest", "EmbeddingArchitecture"]

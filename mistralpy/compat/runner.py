@@ -175,6 +175,13 @@ class Runner:
     def _model_name(self, requested: str | None) -> str:
         return self.engine.model_name if requested in (None, "", "default") else requested
 
+    # ---- embeddings --------------------------------------------------------------------------
+    def send_embedding_request(self, request: Any, model_id: str | None = None) -> list[list[float]]:
+        """One embedding vector per input of an EmbeddingRequest (compat/embedding.py)."""
+        from mistralpy.compat.embedding import send_embedding_request
+
+        return send_embedding_request(self.engine, request)
+
     def tokenize_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.engine.tokenize(text, add_special_tokens)
 

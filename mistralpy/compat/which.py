@@ -280,18 +280,30 @@ class Which:
     @dataclass
     class Embedding:
         model_id: str
-        arch: str | None = None
+        arch: Any = None   # compat/embedding.EmbeddingArchitecture, its value, or an HF class name
         tokenizer_json: str | None = None
         topology: str | None = None
+        write_uqff: str | None = None
+        from_uqff: str | list[str] | None = None
         dtype: ModelDType | str = ModelDType.Auto
         hf_cache_path: str | None = None
+        imatrix: str | None = None
+        calibration_file: str | None = None
+
+        def engine_args(self) -> tuple[str, dict[str, Any]]:
+            from mistralpy.compat.embedding import embedding_class_name
+
+            options: dict[str, Any] = {"arch": embedding_class_name(self.arch),
+                                       "tokenizer": _tokenizer_dir(self.tokenizer_json)}
+            _common(self, options)
+            return self.model_id, options
 
 
 _WHY = {
     "Lora": "LoRA adapters", "XLora": "X-LoRA adapters", "LoraGGUF": "LoRA adapters", "XLoraGGUF": "X-LoRA adapters",
     "GGML": "GGML files (convert them to GGUF)", "LoraGGML": "GGML files", "XLoraGGML": "GGML files",
     "VisionPlain": "vision models", "DiffusionPlain": "image generation (diffusion) models",
-    "Speech": "speech generation models", "Embedding": "embedding models",
+    "Speech": "speech generation models",
 }
 
 

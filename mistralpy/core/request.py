@@ -56,6 +56,9 @@ class Request:
     # prompt) and the shift of every later token: sequence index i >= P has position i + mrope_delta.
     mrope_positions: torch.Tensor | None = None
     mrope_delta: int = 0
+    # An embedding / scoring request (mistralpy.embed.request.PoolingTask): its hidden states are
+    # pooled into a vector instead of sampling a token; it finishes once its prompt is computed.
+    pooling: Any = None
 
     @property
     def all_token_ids(self) -> list[int]:

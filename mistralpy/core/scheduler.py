@@ -164,13 +164,15 @@ class Scheduler:
 
         while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.config.max_seqs:
             req = self.waiting[0]
-            if req.num_computed_tokens == 0 and not req.block_ids:
+            # an encoder's embedding request runs whole in one step and holds no KV blocks
+            whole = req.pooling is not None and req.pooling.no_kv
+            if req.num_computed_tokens == 0 and not req.block_ids and (req.pooling is None or req.pooling.prefix_cacheable):
                 cached = self.kv.get_computed_blocks(req)
                 req.num_computed_tokens = cached
                 if req.num_preemptions == 0:
                     req.num_cached_tokens = cached
             remaining = req.num_tokens - req.num_computed_tokens
-            if chunking:
+            if chunking and not whole:
                 num_new = min(remaining, budget)
             elif remaining <= budget or not out.seqs:
                 num_new = remaining  # a prompt longer than the budget still runs, alone
@@ -179,7 +181,7 @@ class Scheduler:
             num_new = self._whole_media(req, self._fit_media(req, num_new, enc, chunking), budget)
             if num_new <= 0:
                 break
-            if not self.kv.allocate(req, num_new):
+            if not whole and not self.kv.allocate(req, num_new):
                 self.kv.free(req)  # give back the prefix blocks it was holding while waiting
                 req.num_computed_tokens = 0
                 break

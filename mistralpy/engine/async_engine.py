@@ -98,7 +98,7 @@ class AsyncEngine:
 
         With ``tool_callbacks`` the rounds run Engine.chat's tool loop on a worker thread (the tools
         are plain callables that may block), so the event loop stays free."""
-        if tool_callbacks:
+        if tool_callbacks or getattr(self.engine, "server_tools", None):  # MCP / dispatch / search tools too
             call = lambda: self.engine.chat(  # one call, two ways to run it
                 messages, stream=stream, tools=tools, tool_choice=tool_choice,
                 add_generation_prompt=add_generation_prompt, chat_template_kwargs=chat_template_kwargs,
@@ -134,6 +134,25 @@ class AsyncEngine:
         if include_usage:
             yield oai.usage_chunk(tracker.snapshot(), model=chunker.model, chat_id=chunker.chat_id,
                                   created=chunker.created)
+
+    # ---- embeddings and scores (mistralpy/embed): awaited on the event loop, run by the engine loop ----
+    async def embed(self, inputs: Any, *, dimensions: int | None = None, truncate: bool | int = False,
+                    prompt_name: str | None = None, prompt: str | None = None) -> Any:
+        """Engine.embed as a coroutine: embeddings [n, d] float32 (numpy)."""
+        from mistralpy.embed.engine import embed_plan
+
+        return await self.run_plan(embed_plan(self.engine.embedder, inputs, dimensions=dimensions,
+                                              truncate=truncate, prompt_name=prompt_name, prompt=prompt))
+
+    async def score(self, text_1: str | Sequence[str], text_2: str | Sequence[str], *,
+                    truncate: bool | int = False) -> list[float]:
+        from mistralpy.embed.engine import score_plan
+
+        return await self.run_plan(score_plan(self.engine.embedder, text_1, text_2, truncate))
+
+    async def run_plan(self, plan: Any) -> Any:
+        """Run a prepared embedding / scoring plan (mistralpy.embed.engine.Plan); its answer."""
+        return plan.finish(await self.engine.embedder.run_async(plan.reqs))
 
     def abort(self, request_id: str) -> None:
         self.engine.abort(request_id)

@@ -79,6 +79,16 @@ class EngineOptions:
     # MCP client (mistralpy/mcp): a mistral.rs-format JSON file, its dict, or McpClientConfigPy.
     # None: $MCP_CONFIG_PATH if set; False: no MCP even then.
     mcp_config: Any = None
+    # Server-side tools (engine/tool_rounds.py): calls POSTed as {"name", "arguments"} to this URL
+    # (engine/tool_dispatch.py); their definitions: a JSON file / list of OpenAI tools, else GET on the URL.
+    tool_dispatch_url: str | None = None
+    tool_dispatch_tools: Any = None
+    tool_dispatch_timeout_s: float = 30.0
+    # web_search + fetch_url (mistralpy/search): backend "duckduckgo", "duckduckgo:URL", a SearxNG URL;
+    # search_callback(query) -> [{"title", "url", "content"}] replaces the backend (and enables search).
+    enable_search: bool = False
+    search_backend: str = "duckduckgo"
+    search_callback: Any = None
 
     def validate(self) -> None:
         for name in ("max_seqs", "max_num_batched_tokens", "block_size"):
@@ -235,6 +245,10 @@ def build_core(model: str, opts: EngineOptions) -> tuple[EngineCore, Tokenizer, 
         raise ModelLoadError(f"{model_dir} has no config.json")
     gen_cfg = read_json(Path(model_dir) / "generation_config.json")
     arch = resolve_architecture(hf_config, opts.arch)
+    if opts.arch is None:   # Qwen3-Embedding says Qwen3ForCausalLM but holds a bare Qwen3Model
+        from mistralpy.embed.st_config import embedding_architecture
+
+        arch = embedding_architecture(Path(model_dir), hf_config, arch)
     # Families whose published configs leave keys at transformers' defaults fill them in (Gemma 3).
     hf_config = getattr(get_model_class(arch), "complete_config", lambda cfg: cfg)(hf_config)
     device = resolve_device(opts.device)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from mistralpy.config import EngineConfig
 from mistralpy.core.kv_manager import KVCacheManager
@@ -31,6 +32,7 @@ class SeqUpdate:
     text_delta: str = ""
     finished: bool = False
     error: str | None = None
+    pooled: Any = None   # an embedding / scoring request's result (a float32 tensor), when it finishes
 
 
 @dataclass(slots=True)
@@ -56,6 +58,8 @@ class EngineCore:
     @property
     def max_total_tokens(self) -> int:
         """Longest sequence that can ever run: the context length, capped by the whole KV pool."""
+        if self.runner.encoder_only:   # no KV pool to cap it
+            return self.config.model.max_model_len
         return min(self.config.model.max_model_len, self.runner.num_blocks * self.config.cache.block_size)
 
     def add_request(self, req: Request) -> None:
@@ -115,8 +119,12 @@ class EngineCore:
                 self.stats.prompt_tokens += min(s.num_new_tokens,
                                                 len(req.prompt_token_ids) - req.num_computed_tokens)
             req.num_computed_tokens += s.num_new_tokens
-            self.kv.commit_computed(req)
+            if req.block_ids:   # (an encoder's embedding request holds none)
+                self.kv.commit_computed(req)
             if not s.samples:
+                continue
+            if req.pooling is not None:   # embedded / scored: done, it keeps no blocks
+                updates.append(self._finish_pooling(req))
                 continue
             token = sampled.token_ids[k]
             lp = sampled.logprobs[k]
@@ -168,6 +176,12 @@ class EngineCore:
             update.finished = True
         update.text_delta = detok.take_delta(final=update.finished)
         return update
+
+    def _finish_pooling(self, req: Request) -> SeqUpdate:
+        self.scheduler.finish(req, FinishReason.STOP)
+        self.requests.pop(req.request_id, None)
+        self.stats.finished_requests += 1
+        return SeqUpdate(req, finished=True, pooled=req.pooling.result)
 
     def _token_text(self, token_id: int) -> str:
         texts = self.tokenizer.token_texts()

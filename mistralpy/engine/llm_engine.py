@@ -96,6 +96,23 @@ def _mcp_config(value: Any) -> Any:
     return config if config is not None and config.enabled_servers else None
 
 
+def _server_tools(options: EngineOptions, mcp: Any) -> Any:
+    """The engine's server-side tool providers (an empty, false ServerTools when there are none)."""
+    from mistralpy.engine.tool_rounds import McpTools, ServerTools
+
+    providers: list[Any] = [McpTools(mcp)] if mcp is not None else []
+    if options.tool_dispatch_url:
+        from mistralpy.engine.tool_dispatch import DispatchTools
+
+        providers.append(DispatchTools.from_options(options.tool_dispatch_url, options.tool_dispatch_tools,
+                                                    options.tool_dispatch_timeout_s))
+    if options.enable_search or options.search_callback is not None:
+        from mistralpy.search import SearchTools
+
+        providers.append(SearchTools(options.search_backend, callback=options.search_callback))
+    return ServerTools(providers)
+
+
 class _Collector:
     """Sink that gathers one request's updates until all its choices finish."""
 
@@ -133,14 +150,18 @@ class Engine:
                                      self.core.max_total_tokens, self.core.config.device)
         self.tool_parser, self.reasoning_parser = self._output_formats()
         self.media = self._media_input()
-        if mcp_config is not None:
-            from mistralpy.mcp import McpClient
+        try:
+            if mcp_config is not None:
+                from mistralpy.mcp import McpClient
 
-            try:  # each server connects (or fails) once before this returns
-                self.mcp = McpClient(mcp_config).start()
-            except BaseException:
-                self.loop.shutdown()
-                raise
+                self.mcp = McpClient(mcp_config).start()  # each server connects (or fails) once first
+            # Tools that run in this process during chat (engine/tool_rounds.py): MCP, dispatch URL, search
+            self.server_tools = _server_tools(self.options, self.mcp)
+        except BaseException:
+            if self.mcp is not None:
+                self.mcp.close()
+            self.loop.shutdown()
+            raise
 
     def _media_input(self) -> MediaInput | None:
         """The family's image processor for a vision model (multimodal/processors), else None."""
@@ -191,6 +212,7 @@ class Engine:
             images = media_refs(prompt.get("images") or mm.get("image") or [],
                                 prompt.get("videos") or mm.get("video") or [])
             prompt = prompt.get("prompt", prompt.get("prompt_token_ids"))
+        self._check_generates()
         text, ids = self.inputs.encode(prompt, add_special_tokens)
         params = self.inputs.resolve_params(params)
         items: list = []
@@ -285,6 +307,7 @@ class Engine:
                      parallel_tool_calls: bool = True) -> tuple[str, SamplingParams, ChatSpec]:
         """Render a chat request and resolve its tools / reasoning handling: (prompt text, sampling
         params with any tool-call grammar added, ChatSpec for parsing the output)."""
+        self._check_generates()
         kwargs = dict(chat_template_kwargs or {})
         if reasoning_effort is not None:
             if reasoning_effort not in ("low", "medium", "high"):
@@ -318,19 +341,19 @@ class Engine:
         ``message.tool_calls``. ``tool_callbacks`` (name -> callable taking the arguments as keywords)
         runs tools here: each round's calls are executed, their results appended as ``tool``
         messages, and generation continues, up to ``max_tool_rounds`` rounds (see engine/tool_loop.py).
-        With an MCP client (``mcp_config``), its tools join ``tools`` (``auto_register_tools``) and
-        calls to them run the same way; tools without a callback still come back as ``tool_calls``.
+        The engine's server-side tools (``mcp_config``, ``tool_dispatch_url``, ``enable_search``) join
+        ``tools`` and their calls run the same way; other tools still come back as ``tool_calls``.
         """
         params = sampling_from_kwargs(sampling, sampling_params)
         chat = dict(tools=tools, tool_choice=tool_choice, add_generation_prompt=add_generation_prompt,
                     chat_template_kwargs=chat_template_kwargs, enable_thinking=enable_thinking,
                     reasoning_effort=reasoning_effort, parallel_tool_calls=parallel_tool_calls)
-        # MCP tools need one conversation to continue: n > 1 requests run without them
-        mcp = self.mcp if self.mcp is not None and params.n == 1 else None
-        if tool_callbacks or (mcp is not None and (mcp.config.auto_register_tools or tools)):
+        # server-side tools need one conversation to continue: n > 1 requests run without them
+        server_tools = self.server_tools if params.n == 1 else None
+        if tool_callbacks or server_tools:
             from mistralpy.engine.tool_loop import ToolLoop
 
-            loop = ToolLoop(self, messages, params, chat, tool_callbacks or {}, max_tool_rounds, mcp=mcp)
+            loop = ToolLoop(self, messages, params, chat, tool_callbacks or {}, max_tool_rounds, tools=server_tools)
             return loop.stream(stream_options) if stream else loop.run()
         return self._chat_once(messages, params, chat, stream, stream_options)
 
@@ -363,6 +386,43 @@ class Engine:
         if include_usage:
             yield oai.usage_chunk(tracker.snapshot(), model=self.model_name, chat_id=chunker.chat_id,
                                   created=chunker.created)
+
+    # ---- embeddings and scores (mistralpy/embed) ------------------------------------------------
+    @property
+    def embedder(self) -> Any:
+        """The model's embedding / scoring setup (mistralpy.embed.engine.Embedder), built on first use."""
+        emb = self.__dict__.get("_embedder")
+        if emb is None:
+            from mistralpy.embed.engine import Embedder
+
+            emb = self.__dict__.setdefault("_embedder", Embedder(self))
+        return emb
+
+    def embed(self, inputs: Any, *, dimensions: int | None = None, truncate: bool | int = False,
+              prompt_name: str | None = None, prompt: str | None = None) -> Any:
+        """Embeddings [n, d] float32 (numpy) of a text, token ids or a list of either. ``truncate``:
+        cut inputs longer than the model takes (True) or than a token count (an int); else they are
+        an error. ``prompt_name`` / ``prompt``: the instruction prefix (sentence-transformers' prompts;
+        the model's default prompt when neither is given). ``dimensions``: Matryoshka truncation."""
+        from mistralpy.embed.engine import embed_plan
+
+        plan = embed_plan(self.embedder, inputs, dimensions=dimensions, truncate=truncate,
+                          prompt_name=prompt_name, prompt=prompt)
+        return plan.finish(self.embedder.run(plan.reqs))
+
+    def score(self, text_1: str | Sequence[str], text_2: str | Sequence[str], *,
+              truncate: bool | int = False) -> list[float]:
+        """Relevance scores of (text_1, text_2) pairs: a cross-encoder's, else embedding cosines."""
+        from mistralpy.embed.engine import score_plan
+
+        plan = score_plan(self.embedder, text_1, text_2, truncate)
+        return plan.finish(self.embedder.run(plan.reqs))
+
+    def _check_generates(self) -> None:
+        if self.core.runner.encoder_only:
+            raise InvalidRequestError(f"{self.model_name} is an embedding / scoring model and does not generate "
+                                      "text: use embed() or score() (POST /v1/embeddings, /v1/score, /v1/rerank)",
+                                      "model")
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def abort(self, request_id: str) -> None:

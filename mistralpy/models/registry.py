@@ -41,9 +41,29 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "Llama4ForCausalLM": ("llama4_text", "Llama4ForCausalLM"),
 }
 
+# Embedding and scoring models (mistralpy/embed): they pool hidden states instead of generating, so
+# they stay out of _REGISTRY, which the README's generation table (models/support.py) is built from.
+_EMBEDDING_REGISTRY: dict[str, tuple[str, str]] = {
+    "BertModel": ("bert", "BertModel"),
+    "BertForMaskedLM": ("bert", "BertModel"),
+    "BertForSequenceClassification": ("bert", "BertForSequenceClassification"),
+    "MPNetModel": ("mpnet", "MPNetModel"),
+    "MPNetForMaskedLM": ("mpnet", "MPNetForMaskedLM"),
+    "XLMRobertaModel": ("xlm_roberta", "XLMRobertaModel"),
+    "XLMRobertaForMaskedLM": ("xlm_roberta", "XLMRobertaModel"),
+    "XLMRobertaForSequenceClassification": ("xlm_roberta", "XLMRobertaForSequenceClassification"),
+    "RobertaModel": ("xlm_roberta", "XLMRobertaModel"),
+    "Qwen3Model": ("qwen3_embedding", "Qwen3EmbeddingModel"),
+    "Gemma3TextModel": ("gemma3_embedding", "Gemma3TextModel"),
+}
+
+
+def _known(arch: str) -> bool:  # (read at each call: tests patch _REGISTRY)
+    return arch in _REGISTRY or arch in _EMBEDDING_REGISTRY
+
 
 def supported_architectures() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted({*_REGISTRY, *_EMBEDDING_REGISTRY})
 
 
 def resolve_architecture(hf_config: dict, override: str | None = None) -> str:
@@ -51,17 +71,17 @@ def resolve_architecture(hf_config: dict, override: str | None = None) -> str:
         arch = override
     else:
         archs = hf_config.get("architectures") or []
-        arch = next((a for a in archs if a in _REGISTRY), archs[0] if archs else None)
+        arch = next((a for a in archs if _known(a)), archs[0] if archs else None)
         if arch is None:
             raise UnsupportedArchitectureError(
                 "config.json has no `architectures`; pass arch=... (one of " + ", ".join(supported_architectures()) + ")")
-    if arch not in _REGISTRY:
+    if not _known(arch):
         raise UnsupportedArchitectureError(
             f"architecture {arch!r} is not supported; supported: {', '.join(supported_architectures())}")
     return arch
 
 
 def get_model_class(arch: str) -> type:
-    module_name, class_name = _REGISTRY[arch]
+    module_name, class_name = _REGISTRY.get(arch) or _EMBEDDING_REGISTRY[arch]
     module = importlib.import_module(f"mistralpy.models.{module_name}")
     return getattr(module, class_name)

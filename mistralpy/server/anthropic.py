@@ -20,6 +20,7 @@ from mistralpy.server import anthropic_format as af
 from mistralpy.server.errors import APIError, to_api_error
 from mistralpy.server.generation import Generation, SSEResponse, prepare_prompt, until_disconnect
 from mistralpy.server.media import fetch_images
+from mistralpy.server.openapi import json_or_sse, error_responses
 from mistralpy.server.state import ServerState
 
 router = APIRouter()
@@ -37,7 +38,9 @@ async def _prompt(server: ServerState, engine: AsyncEngine, chat: af.ChatRequest
     return text + chat.prefill, params, spec, images
 
 
-@router.post("/v1/messages", response_model=None)
+@router.post("/v1/messages", response_model=None,
+             responses=json_or_sse(af.MessageResponse, 400, 404, 503, anthropic=True,
+                                   events="Anthropic's message_start ... message_stop events", named=True))
 async def create_message(body: af.MessagesRequest, request: Request) -> JSONResponse | SSEResponse:
     server: ServerState = request.app.state.server
     state = server.model(body.model)  # 404 for an unknown model, 503 while it is unloaded
@@ -90,8 +93,8 @@ async def _events(gen: Generation, events: af.MessageEvents) -> AsyncIterator[st
         yield event
 
 
-@router.post("/v1/messages/count_tokens")
-async def count_tokens(body: af.CountTokensRequest, request: Request) -> dict[str, int]:
+@router.post("/v1/messages/count_tokens", responses=error_responses(400, 404, 503, anthropic=True))
+async def count_tokens(body: af.CountTokensRequest, request: Request) -> af.CountTokensResponse:
     """The prompt's tokens as /v1/messages would run it: images expanded as the model sees them."""
     server: ServerState = request.app.state.server
     engine = server.model(body.model).engine
@@ -99,4 +102,4 @@ async def count_tokens(body: af.CountTokensRequest, request: Request) -> dict[st
     tokens = await engine.tokenize(text, add_special_tokens=False)
     if images:
         tokens, _ = await asyncio.to_thread(engine.engine.expand_media, tokens, images)
-    return {"input_tokens": len(tokens)}
+    return af.CountTokensResponse(input_tokens=len(tokens))

@@ -24,7 +24,7 @@ import binascii
 import json
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -32,16 +32,25 @@ from mistralpy.engine.chat_output import ChatSpec, ChoiceStream
 from mistralpy.errors import InvalidRequestError
 from mistralpy.sampling_params import SamplingParams
 from mistralpy.server.errors import anthropic_error_body
+from mistralpy.server import openapi as doc
+from mistralpy.server.protocol import Int, OutputLength, Seed, StopString
 
 IMAGE_MEDIA_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 
 
 # ---- request bodies ------------------------------------------------------------------------------
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # cache_control, service_tier, ...: accepted, unused
+    # cache_control, service_tier, ...: accepted, unused; strict JSON types, as the schema states them
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+def _message_schema(schema: dict[str, Any]) -> None:
+    schema.clear()
+    schema.update(doc.ANTHROPIC_MESSAGE)  # the blocks each role may hold (checked in _user_messages / ...)
 
 
 class AnthropicMessage(_Body):
+    model_config = ConfigDict(json_schema_extra=_message_schema)
     role: Literal["user", "assistant"]
     content: str | list[dict[str, Any]]
 
@@ -50,29 +59,30 @@ class CountTokensRequest(_Body):
     """``POST /v1/messages/count_tokens``: what shapes the prompt."""
 
     model: str | None = None  # None / "default": the default model
-    messages: list[AnthropicMessage]
-    system: str | list[dict[str, Any]] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: dict[str, Any] | None = None
-    thinking: dict[str, Any] | None = None
-    output_config: dict[str, Any] | None = None  # {"effort", "format": {"type": "json_schema", "schema"}}
+    messages: list[AnthropicMessage] = Field(min_length=1)
+    system: Annotated[str | list[dict[str, Any]] | None, doc.documented(doc.ANTHROPIC_SYSTEM)] = None
+    tools: Annotated[list[dict[str, Any]] | None, doc.documented(doc.ANTHROPIC_TOOLS)] = None
+    tool_choice: Annotated[dict[str, Any] | None, doc.documented(doc.ANTHROPIC_TOOL_CHOICE)] = None
+    thinking: Annotated[dict[str, Any] | None, doc.documented(doc.ANTHROPIC_THINKING)] = None
+    output_config: Annotated[dict[str, Any] | None, doc.documented(doc.ANTHROPIC_OUTPUT_CONFIG)] = None  # {"effort", "format": {"type": "json_schema", "schema"}}
 
 
 class MessagesRequest(CountTokensRequest):
     """``POST /v1/messages``; the fields after ``metadata`` are mistral.py extensions."""
 
-    max_tokens: int = Field(ge=1)
-    stop_sequences: list[str] | None = None
+    max_tokens: OutputLength
+    stop_sequences: list[StopString] | None = None
     stream: bool = False
-    temperature: float | None = None  # None: the model's generation_config
-    top_p: float | None = None
-    top_k: int | None = None
+    temperature: float | None = Field(None, ge=0)  # None: the model's generation_config
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: Int | None = None
     metadata: dict[str, Any] | None = None
-    seed: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
+    seed: Seed | None = None
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
-    grammar: dict[str, Any] | None = None  # {"type": "regex" | "lark" | "json_schema", "value": ...}
+    # {"type": "regex" | "lark" | "json_schema", "value": ...}
+    grammar: Annotated[dict[str, Any] | None, doc.documented(doc.GRAMMAR)] = None
 
     def to_sampling_params(self) -> SamplingParams:
         return SamplingParams(max_tokens=self.max_tokens, stop=list(self.stop_sequences or []),
@@ -80,6 +90,32 @@ class MessagesRequest(CountTokensRequest):
                               min_p=self.min_p, repetition_penalty=self.repetition_penalty,
                               ignore_eos=self.ignore_eos, grammar=self.grammar,
                               response_format=_response_format(self.output_config))
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class MessageUsage(_Out):
+    input_tokens: int
+    output_tokens: int
+
+
+class MessageResponse(_Out):
+    """The ``message`` object :func:`message_body` builds (documentation of /v1/messages)."""
+
+    id: str
+    type: Literal["message"]
+    role: Literal["assistant"]
+    model: str
+    content: list[dict[str, Any]]  # text / thinking / tool_use blocks
+    stop_reason: Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"] | None
+    stop_sequence: str | None
+    usage: MessageUsage
+
+
+class CountTokensResponse(_Out):
+    input_tokens: int
 
 
 def _response_format(output_config: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -308,6 +344,8 @@ def _thinking(thinking: dict[str, Any] | None) -> bool | None:
     kind = thinking.get("type")
     if kind == "enabled":
         budget = thinking.get("budget_tokens")
+        if isinstance(budget, float) and budget.is_integer():  # JSON Schema's integers include 9.0
+            budget = int(budget)
         if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
             raise _fail("thinking.budget_tokens must be a positive integer", "thinking")
         return True

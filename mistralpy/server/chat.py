@@ -20,18 +20,24 @@ from mistralpy.server.generation import (
     until_disconnect,
 )
 from mistralpy.server.media import fetch_images
-from mistralpy.server.protocol import ChatCompletionRequest
+from mistralpy.server.openapi import json_or_sse
+from mistralpy.server.protocol import ChatCompletionRequest, ChatCompletionResponse
 from mistralpy.server.state import ServerState
+from mistralpy.server.tool_loop import ServerToolLoop, server_tools_for
 
 router = APIRouter()
 
 
-@router.post("/v1/chat/completions", response_model=None)
+@router.post("/v1/chat/completions", response_model=None,
+             responses=json_or_sse(ChatCompletionResponse, 400, 404, 503, events="chat.completion.chunk events"))
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse | SSEResponse:
     server: ServerState = request.app.state.server
     state = server.model(body.model)  # 404 for an unknown model, 503 while it is unloaded
     engine = state.engine
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
+    tools = server_tools_for(state, body)
+    if tools is not None:  # tools that run in the server: rounds in this request (server/tool_loop.py)
+        return await _with_server_tools(ServerToolLoop(server, state, body, messages, tools), body, request)
     text, params, spec = engine.engine.prepare_chat(
         messages, body.to_sampling_params(), tools=body.tools, tool_choice=body.tool_choice,
         add_generation_prompt=body.add_generation_prompt, chat_template_kwargs=body.chat_template_kwargs,
@@ -57,6 +63,14 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSO
         # Engine failure: 500, with whatever was generated before it.
         raise APIError(500, gen.error, code="engine_error", extra={"partial": result.model_dump()})
     return JSONResponse(result.model_dump())
+
+
+async def _with_server_tools(loop: ServerToolLoop, body: ChatCompletionRequest,
+                             request: Request) -> JSONResponse | SSEResponse:
+    first = await loop.prepare_round()  # a bad request fails here, before any response starts
+    if body.stream:
+        return SSEResponse(loop.stream(first))
+    return JSONResponse(await until_disconnect(request, loop.run(first)))
 
 
 async def _chunks(gen: Generation, chunker: oai.ChatChunker, include_usage: bool) -> AsyncIterator[str]:

@@ -22,7 +22,8 @@ from mistralpy.server.generation import (
     sse_event,
     until_disconnect,
 )
-from mistralpy.server.protocol import CompletionRequest
+from mistralpy.server.openapi import json_or_sse
+from mistralpy.server.protocol import CompletionRequest, CompletionResponse
 from mistralpy.server.state import ServerState
 
 router = APIRouter()
@@ -60,7 +61,8 @@ def _best(outputs: Sequence[CompletionOutput], n: int) -> list[CompletionOutput]
     return sorted(outputs, key=lambda o: sum(e.logprob for e in o.logprobs or ()), reverse=True)[:n]
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post("/v1/completions", response_model=None,
+             responses=json_or_sse(CompletionResponse, 400, 404, 503, events="text_completion chunks"))
 async def completions(body: CompletionRequest, request: Request) -> JSONResponse | SSEResponse:
     server: ServerState = request.app.state.server
     state = server.model(body.model)  # 404 for an unknown model, 503 while it is unloaded

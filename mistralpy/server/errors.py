@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from mistralpy.errors import EngineDeadError, InvalidRequestError, MistralPyError
 
@@ -98,6 +99,25 @@ def _path(request: Request) -> str:
     return request.scope.get("path", "")
 
 
+def _allow(request: Request) -> str | None:
+    """The Allow header of a 405: the methods of the most specific routes matching the path (the
+    most literal segments), so ``/v1/models/{id:path}`` (GET) does not claim ``/v1/models/x/reload``."""
+    best: tuple[int, set[str]] = (-1, set())
+    for route in request.app.router.routes:
+        methods = getattr(route, "methods", None)
+        if not methods:
+            continue
+        match, _ = route.matches({**request.scope, "method": next(iter(methods))})
+        if match != Match.FULL:
+            continue
+        literal = sum(1 for part in route.path_format.split("/") if part and "{" not in part)
+        if literal > best[0]:
+            best = (literal, set(methods))
+        elif literal == best[0]:
+            best[1].update(methods)
+    return ", ".join(sorted(best[1])) or None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -118,8 +138,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None),
-                              path=_path(request))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405 and (allow := _allow(request)):
+            headers["Allow"] = allow  # Starlette's names only the first route that matched the path
+        return error_response(exc.status_code, str(exc.detail), headers=headers or None, path=_path(request))
 
     @app.exception_handler(MistralPyError)
     async def _engine(request: Request, exc: MistralPyError) -> JSONResponse:

@@ -12,16 +12,19 @@ import json
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 
 from mistralpy.server import responses_format as fmt
 from mistralpy.server.errors import APIError, to_api_error
 from mistralpy.server.generation import Generation, SSEResponse, prepare_prompt, until_disconnect
 from mistralpy.server.media import fetch_images
-from mistralpy.server.protocol import _SamplingFields
+from mistralpy.server import openapi as doc
+from mistralpy.server.openapi import error_responses, json_or_sse
+from mistralpy.server.protocol import OutputLength, _SamplingFields
 from mistralpy.server.responses_store import ResponseStore
 from mistralpy.server.state import ServerState
 
@@ -32,22 +35,53 @@ class ResponsesRequest(_SamplingFields):
     """POST /v1/responses. Sampling extensions (top_k, min_p, repetition_penalty, dry_*, grammar, ...)
     come from the chat fields; ``max_output_tokens`` is the output limit."""
 
-    input: str | list[Any]
+    input: Annotated[str | list[Any], doc.documented(doc.RESPONSES_INPUT)]  # [] refused by normalize_input
     instructions: str | None = None
-    tools: list[Any] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: Annotated[list[Any] | None, doc.documented(doc.RESPONSES_TOOLS)] = None
+    tool_choice: Annotated[str | dict[str, Any] | None, doc.documented(doc.RESPONSES_TOOL_CHOICE)] = None
     parallel_tool_calls: bool = True
-    text: dict[str, Any] | None = None
-    reasoning: dict[str, Any] | None = None
-    max_output_tokens: int | None = None
+    text: Annotated[dict[str, Any] | None, doc.documented(doc.RESPONSES_TEXT)] = None
+    reasoning: Annotated[dict[str, Any] | None, doc.documented(doc.RESPONSES_REASONING)] = None
+    max_output_tokens: OutputLength | None = None
     store: bool = True
     previous_response_id: str | None = None
     background: bool = False
-    metadata: dict[str, str] | None = None
+    metadata: Annotated[dict[str, str] | None, doc.documented(doc.RESPONSES_METADATA)] = None
     truncation: Literal["auto", "disabled"] | None = None
     include: list[str] | None = None
     enable_thinking: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ResponseObject(_Out):
+    """The response object (responses_format.base_response; documentation only)."""
+
+    id: str
+    object: Literal["response"]
+    created_at: float
+    status: Literal["in_progress", "completed", "incomplete", "failed", "cancelled", "queued"]
+    model: str
+    output: list[dict[str, Any]]  # message / reasoning / function_call items
+    error: dict[str, Any] | None
+    usage: dict[str, Any] | None
+
+
+class ResponseDeleted(_Out):
+    id: str
+    object: Literal["response.deleted"]
+    deleted: bool
+
+
+class InputItemList(_Out):
+    object: Literal["list"]
+    data: list[dict[str, Any]]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
 
 
 @dataclass(slots=True)
@@ -107,7 +141,9 @@ def _check_metadata(metadata: dict[str, str] | None) -> None:
         raise APIError(400, "metadata: at most 16 pairs, keys up to 64 and values up to 512 characters", "metadata")
 
 
-@router.post("/v1/responses", response_model=None)
+@router.post("/v1/responses", response_model=None,
+             responses=json_or_sse(ResponseObject, 400, 404, 503, events="Responses' named events",
+                                   named=True))
 async def create_response(body: ResponsesRequest, request: Request) -> JSONResponse | SSEResponse:
     server: ServerState = request.app.state.server
     svc = service(request.app)
@@ -208,12 +244,14 @@ async def _background(run: _Run) -> None:
     run.end()
 
 
-@router.get("/v1/responses/{resp_id}")
+@router.get("/v1/responses/{resp_id}", response_model=None,
+            responses={200: {"model": ResponseObject}, **error_responses(404)})
 async def get_response(resp_id: str, request: Request) -> dict[str, Any]:
     return service(request.app).store.get(resp_id)
 
 
-@router.delete("/v1/responses/{resp_id}")
+@router.delete("/v1/responses/{resp_id}", response_model=None,
+               responses={200: {"model": ResponseDeleted}, **error_responses(404)})
 async def delete_response(resp_id: str, request: Request) -> dict[str, Any]:
     svc = service(request.app)
     await _stop(svc, resp_id)
@@ -228,7 +266,8 @@ async def _stop(svc: ResponsesService, resp_id: str) -> None:
         await asyncio.wait({task})  # it stores the cancelled response before it ends
 
 
-@router.post("/v1/responses/{resp_id}/cancel")
+@router.post("/v1/responses/{resp_id}/cancel", response_model=None,
+             responses={200: {"model": ResponseObject}, **error_responses(400, 404)})
 async def cancel_response(resp_id: str, request: Request) -> dict[str, Any]:
     svc = service(request.app)
     body = svc.store.get(resp_id)
@@ -242,8 +281,9 @@ async def cancel_response(resp_id: str, request: Request) -> dict[str, Any]:
     return body
 
 
-@router.get("/v1/responses/{resp_id}/input_items")
-async def list_input_items(resp_id: str, request: Request, after: str | None = None,
+@router.get("/v1/responses/{resp_id}/input_items", response_model=None,
+            responses={200: {"model": InputItemList}, **error_responses(400, 404)})
+async def list_input_items(resp_id: str, request: Request, after: str | None = Query(None, min_length=1),
                            limit: int = Query(20, ge=1, le=100),
                            order: Literal["asc", "desc"] = "desc") -> dict[str, Any]:
     items = service(request.app).store.input_items(resp_id)

@@ -133,7 +133,8 @@ def to_messages(items: list[dict[str, Any]], instructions: str | None) -> list[d
             text = "".join(p.get("text") or p.get("refusal") or "" for p in item["content"])
             assistant()["content"] += text
         elif itype == "reasoning":
-            text = "\n".join(p["text"] for p in item["content"] or item["summary"])
+            # (a refusal part holds "refusal", not "text")
+            text = "\n".join(p.get("text") or p.get("refusal") or "" for p in item["content"] or item["summary"])
             msg = assistant()
             msg["reasoning_content"] = (msg.get("reasoning_content", "") + "\n" + text).lstrip("\n")
         elif itype == "function_call":

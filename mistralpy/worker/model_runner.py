@@ -11,6 +11,7 @@ import torch
 from mistralpy.attention.backend import get_backend
 from mistralpy.config import CacheConfig, EngineConfig
 from mistralpy.core.scheduler import SchedulerOutput
+from mistralpy.embed import runner as embed_runner
 from mistralpy.loading.model_loader import load_model
 from mistralpy.sample.sampler import Sampler, SamplerOutput, SamplingRow
 from mistralpy.worker.forward_batch import ForwardBatch
@@ -84,16 +85,21 @@ class ModelRunner:
         self.backend = get_backend(self.device)
         self.model = load_model(config.model, self.device, self.backend)
         m = self.model
+        # an encoder (mistralpy/embed) attends over each whole sequence through its own cache-free
+        # backend: no KV pool (one nominal block), no sampler rows, no native decode
+        self.encoder_only = bool(getattr(m, "encoder_only", False))
+        if self.encoder_only:
+            self.backend = m.backend
         v_dim, v_in_k = getattr(m, "v_cache_dim", None) or m.head_dim, getattr(m, "v_in_k", False)
         per_block = kv_bytes_per_block(m.num_layers, self.block_size, m.num_kv_heads, m.head_dim,
                                        config.model.dtype, v_dim, v_in_k)
-        self.num_blocks = decide_num_blocks(config.cache, per_block, self.device, config.model.max_model_len,
-                                            config.scheduler.max_seqs)
+        self.num_blocks = 1 if self.encoder_only else decide_num_blocks(
+            config.cache, per_block, self.device, config.model.max_model_len, config.scheduler.max_seqs)
         # Allocated uninitialised (no start-up memset, no resident memory until used) and zeroed
         # up to the highest block id in use, on first use: attention reads padded and not yet
         # written slots under a mask, and 0 * NaN garbage would still poison the output.
-        self.kv_caches = [self._layer_cache(m.num_kv_heads, m.head_dim, v_dim, v_in_k, config.model.dtype)
-                          for _ in range(m.num_layers)]
+        self.kv_caches = [] if self.encoder_only else [
+            self._layer_cache(m.num_kv_heads, m.head_dim, v_dim, v_in_k, config.model.dtype) for _ in range(m.num_layers)]
         self._zeroed_blocks = 0
         log.info("KV cache: %d blocks x %d tokens (%.1f MiB)", self.num_blocks, self.block_size,
                  self.num_blocks * per_block / 2**20)
@@ -110,7 +116,7 @@ class ModelRunner:
         self.cross_attention = bool(getattr(self.model, "cross_attention", False))
         self.compiled = None
         self.native = None  # worker/native_decode.py: all-decode CPU steps in one C++ call
-        if self.device.type == "cpu" and os.environ.get("MISTRALPY_NATIVE_DECODE", "1") != "0":
+        if self.device.type == "cpu" and os.environ.get("MISTRALPY_NATIVE_DECODE", "1") != "0" and not self.encoder_only:
             from mistralpy.worker.native_decode import NativeDecode
 
             self.native = NativeDecode.install(self.model)
@@ -128,6 +134,8 @@ class ModelRunner:
         """Run decode-only steps through torch.compile'd decoder layers (worker/compile.py), unless the
         native C++ decode loop serves this model: it is faster than the compiled layers (SmolLM2-135M
         Q4_1, 2 threads: 235 against 153 tok/s) and needs no compiling. Returns whether it compiled."""
+        if self.encoder_only:   # whole-sequence steps only: nothing to compile
+            return False
         if self.native is not None:
             log.info("--compile: the native decode loop already runs this model's decode steps; not compiling")
             return False
@@ -157,14 +165,14 @@ class ModelRunner:
             else:
                 input_ids.extend(req.all_token_ids[start:end])
             positions.extend(range(start, end))
-            blocks = req.block_ids
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            blocks = req.block_ids   # none: an encoder's request (its backend ignores slots)
+            slots.extend(blocks[p // bs] * bs + p % bs if blocks else -1 for p in range(start, end))
             seq_lens.append(end)
             query_lens.append(s.num_new_tokens)
             starts.append(starts[-1] + s.num_new_tokens)
-            if s.samples:
+            if s.samples and req.pooling is None:
                 logits_rows.append(starts[-1] - 1)
-        self._zero_new_blocks(max(max(s.req.block_ids) for s in sched.seqs) + 1)
+        self._zero_new_blocks(max(max(s.req.block_ids, default=-1) for s in sched.seqs) + 1)
         max_blocks = max(len(s.req.block_ids) for s in sched.seqs)
         table = [s.req.block_ids + [0] * (max_blocks - len(s.req.block_ids)) for s in sched.seqs]
         dev = self.device
@@ -192,11 +200,15 @@ class ModelRunner:
         self._zeroed_blocks = high
 
     @torch.inference_mode()
-    def compute_logits(self, sched: SchedulerOutput) -> torch.Tensor:
-        """Run the model on the step's flat batch; logits [N, V] for the sampling rows only."""
+    def compute_logits(self, sched: SchedulerOutput) -> torch.Tensor | None:
+        """Run the model on the step's flat batch; logits [N, V] for the sampling rows only (None:
+        none). Embedding / scoring requests get their pooled results (``req.pooling.result``)."""
         batch = self.build_batch(sched)
         metadata = self.backend.build_metadata(batch)
         kwargs: dict[str, Any] = {} if batch.mrope_positions is None else {"mrope_positions": batch.mrope_positions}
+        pooling = any(s.req.pooling is not None for s in sched.seqs)
+        if pooling and self.encoder_only:
+            kwargs.update(embed_runner.pooling_kwargs(self.model, sched, batch))
         if self.cross_attention:
             kwargs["cross_media"] = self._cross_media(sched, batch)
         elif self.encoder_cache is not None:
@@ -204,6 +216,10 @@ class ModelRunner:
             if embeds is not None:
                 kwargs["inputs_embeds"] = embeds
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, metadata, **kwargs)
+        if pooling:
+            embed_runner.pool_step(self.model, sched, batch, hidden)
+        if batch.logits_indices.numel() == 0:
+            return None
         return self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
 
     def _media_embeds(self, sched: SchedulerOutput, batch: ForwardBatch) -> torch.Tensor | None:
@@ -266,7 +282,7 @@ class ModelRunner:
                             output_token_ids=s.req.output_token_ids, generator=s.req.generator,
                             eos_token_ids=s.req.eos_token_ids, dry_breaker_ids=s.req.dry_breaker_ids,
                             grammar=s.req.grammar)
-                for s in sched.seqs if s.samples]
+                for s in sched.seqs if s.samples and s.req.pooling is None]
         if not rows:
             return None
         return self.sampler(logits, rows)
