@@ -26,10 +26,10 @@ from torch import nn
 from mistralpy.attention.backend import AttentionBackend
 from mistralpy.layers.activation import act_and_mul, get_act_fn
 from mistralpy.layers.linear import Linear, MergedLinear
-from mistralpy.models.idefics3 import text_class_by_type
+from mistralpy.models.idefics3 import map_idefics_name, text_class_by_type
 from mistralpy.models.vlm import VisionLanguageModel
 from mistralpy.multimodal.encoders.idefics2_perceiver import PerceiverResampler, map_perceiver_name, perceiver_config
-from mistralpy.multimodal.encoders.siglip import SiglipVisionTransformer, map_siglip_name, siglip_config
+from mistralpy.multimodal.encoders.siglip import SiglipVisionTransformer, siglip_config
 
 # transformers' Idefics2VisionConfig defaults (SigLIP's hidden_act / eps come from siglip_config).
 VISION_DEFAULTS: dict[str, Any] = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
@@ -120,14 +120,6 @@ class Idefics2ForConditionalGeneration(VisionLanguageModel):
     # ---- weights ---------------------------------------------------------------------------------
     def map_weight_name(self, name: str) -> str | None:
         name = name.removeprefix("model.")
-        if name.startswith("lm_head."):
-            return "language_model." + name
-        if name.startswith("vision_model."):
-            inner = map_siglip_name(name[len("vision_model."):])
-            return None if inner is None else "vision_model." + inner
-        if name.startswith("text_model."):
-            inner = self.language_model.map_weight_name("model." + name[len("text_model."):])
-            return None if inner is None else "language_model." + inner
         if name.startswith("connector.perceiver_resampler."):
             return map_perceiver_name(name)
-        return name   # connector.modality_projection.*
+        return map_idefics_name(self.language_model, name)   # tower, text model, head, projection

@@ -114,16 +114,21 @@ class Idefics3ForConditionalGeneration(VisionLanguageModel):
 
     # ---- weights ---------------------------------------------------------------------------------
     def map_weight_name(self, name: str) -> str | None:
-        name = name.removeprefix("model.")
-        if name.startswith("lm_head."):
-            return "language_model." + name
-        if name.startswith("vision_model."):
-            inner = map_siglip_name(name[len("vision_model."):])
-            return None if inner is None else "vision_model." + inner
-        if name.startswith("text_model."):
-            inner = self.language_model.map_weight_name("model." + name[len("text_model."):])
-            return None if inner is None else "language_model." + inner
-        return name   # connector.*
+        return map_idefics_name(self.language_model, name.removeprefix("model."))
+
+
+def map_idefics_name(language_model: Any, name: str) -> str | None:
+    """Idefics2 / Idefics3 / SmolVLM's saved names (``model.`` already removed): the SigLIP tower,
+    the text model through its family's mapping, the head; anything else (the connector) as is."""
+    if name.startswith("lm_head."):
+        return "language_model." + name
+    if name.startswith("vision_model."):
+        inner = map_siglip_name(name[len("vision_model."):])
+        return None if inner is None else "vision_model." + inner
+    if name.startswith("text_model."):
+        inner = language_model.map_weight_name("model." + name[len("text_model."):])
+        return None if inner is None else "language_model." + inner
+    return name
 
 
 class SmolVLMForConditionalGeneration(Idefics3ForConditionalGeneration):
