@@ -196,7 +196,7 @@ def chat_tool_choice(choice: Any, tools: list[dict[str, Any]] | None) -> tuple[A
     if isinstance(choice, dict) and choice.get("type") == "allowed_tools":
         allowed = {t["name"] for t in choice.get("tools") or []
                    if isinstance(t, dict) and isinstance(t.get("name"), str)}  # (a dict name is unhashable)
-        kept = [t for t in tools or [] if t["function"]["name"] in allowed]
+        kept = [t for t in tools or [] if (t.get("function") or {}).get("name") in allowed]
         if not kept:
             raise _bad("tool_choice.allowed_tools names none of the tools", "tool_choice")
         return choice.get("mode", "auto"), kept
