@@ -43,6 +43,7 @@ from mistralpy.loading.gguf_mmproj_families import (
     FAMILIES,
     IMAGE_TOKENS,
     PROCESSORS,
+    expand_markers,
     family_config,
     iter_family_tensors,
     read_family,
@@ -285,20 +286,8 @@ def gguf_llava_processor(hf_config: dict[str, Any], tokenizer: Any) -> Any:
             self.markers = frozenset(hf_config["gguf_mmproj"]["marker_ids"])
 
         def expand(self, token_ids: list[int], items: list) -> list[int]:
-            from mistralpy.multimodal.inputs import PlaceholderRange
-
-            found = sum(t in self.markers for t in token_ids)
-            if found != len(items):
-                raise self.placeholder_count_error(found, len(items))
-            out: list[int] = []
-            it = iter(items)
-            for t in token_ids:
-                if t not in self.markers:
-                    out.append(t)
-                    continue
-                item = next(it)
-                item.placeholder = PlaceholderRange(len(out), item.num_embeds)
-                out.extend([self.image_token_id] * item.num_embeds)
-            return out
+            # every marker becomes the item's run of image tokens, all of them taking rows
+            return expand_markers(self, token_ids, items,
+                                  lambda item: ([self.image_token_id] * item.num_embeds, (True,) * item.num_embeds))
 
     return GGUFLlavaProcessor()

@@ -330,23 +330,30 @@ class GGUFFamilyProcessor(MultimodalProcessor):
         raise NotImplementedError
 
     def expand(self, token_ids: list[int], items: list[MMItem]) -> list[int]:
-        found = sum(t in self.markers for t in token_ids)
-        if found != len(items):
-            raise self.placeholder_count_error(found, len(items))
-        out: list[int] = []
-        it = iter(items)
-        for t in token_ids:
-            if t not in self.markers:
-                out.append(t)
-                continue
-            item = next(it)
-            ids, mask = self.layout(item)
-            lo = mask.index(True)
-            hi = len(mask) - mask[::-1].index(True)
-            sub = mask[lo:hi]
-            item.placeholder = PlaceholderRange(len(out) + lo, hi - lo, None if all(sub) else sub)
-            out.extend(ids)
-        return out
+        return expand_markers(self, token_ids, items, self.layout)
+
+
+def expand_markers(proc: Any, token_ids: list[int], items: list[MMItem],
+                   layout: Any) -> list[int]:
+    """Replace each of ``proc.markers`` in the prompt by ``layout(item) -> (ids, embed mask)`` and
+    set the item's placeholder range over the masked positions (libmtmd's marker expansion)."""
+    found = sum(t in proc.markers for t in token_ids)
+    if found != len(items):
+        raise proc.placeholder_count_error(found, len(items))
+    out: list[int] = []
+    it = iter(items)
+    for t in token_ids:
+        if t not in proc.markers:
+            out.append(t)
+            continue
+        item = next(it)
+        ids, mask = layout(item)
+        lo = mask.index(True)
+        hi = len(mask) - mask[::-1].index(True)
+        sub = mask[lo:hi]
+        item.placeholder = PlaceholderRange(len(out) + lo, hi - lo, None if all(sub) else sub)
+        out.extend(ids)
+    return out
 
 
 class Gemma3GGUFProcessor(GGUFFamilyProcessor):
